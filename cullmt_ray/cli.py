@@ -1,0 +1,214 @@
+"""The ``cullmt-ray`` command: search, evaluate, pareto. Thin: parse, load config, call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+cullmt-ray finds smaller multilingual MT models: it removes layers (or experts), scores each
+candidate with spBLEU/chrF++ on a parallel dev set using Ray actors, searches for the prune
+sets that keep quality, and exports the Pareto front of size vs score.
+
+With no config, every command uses the embedded default: the shipped dense reference model
+(NLLB architecture) on the shipped demo dev set (eng/deu/fra/ces).
+"""
+
+EPILOG = """\
+examples:
+  cullmt-ray search                                   # greedy search on the embedded default
+  cullmt-ray search search_spaces/nllb_600m.yaml --set search.threshold=1.0
+  cullmt-ray search --resume results/runs/demo-dense-20261123-181700
+  cullmt-ray evaluate --remove enc.3,dec.1            # score one prune set against the baseline
+  cullmt-ray evaluate --dev ../shared/data/multi30k --split test_2016_flickr --max-sentences all
+  cullmt-ray pareto results/runs/demo-dense-20261123-181700
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML search space (search_spaces/*.yaml); default: embedded demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set search.threshold=1.5 (repeatable)")
+    p.add_argument("--model", help="model: reference:dense, a hub name, or a local path")
+    p.add_argument("--dev", help="dev set: builtin:demo, hub:flores_plus, a directory or a .tsv/.jsonl/.parquet")
+    p.add_argument("--split", help="file prefix in a dev directory, e.g. val or test_2016_flickr")
+    p.add_argument("--languages", help="comma-separated language codes (eng_Latn or en)")
+    p.add_argument("--directions", help="all | english-centric | comma-separated src-tgt list")
+    p.add_argument("--max-sentences", help="sentences per language (a number, or 'all')")
+    p.add_argument("--metric", help="primary metric: spbleu | chrf++ | bleu")
+    p.add_argument("--spm", help="SentencePiece model for spBLEU: flores200 | reference | PATH")
+    p.add_argument("--actors", type=int, help="evaluator actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: start locally")
+    p.add_argument("--store", help="results store (SQLite file); default results/store.sqlite")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cullmt-ray", description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("search", help="search prune sets; writes a run folder with trace and Pareto front",
+                       description="Search prune sets with the configured strategy (greedy = CULL-MT) and write "
+                                   "a run folder: config, trace, held-out scores, pareto.{csv,json,parquet,png}.")
+    _common(s)
+    s.add_argument("--strategy", help="search strategy (greedy)")
+    s.add_argument("--threshold", type=float, help="stop when the score drops more than this many points")
+    s.add_argument("--target-removed", type=int, help="stop after removing this many units")
+    s.add_argument("--protect", help="comma-separated units never removed, e.g. enc.0,dec.5")
+    s.add_argument("--output", help="folder for run folders (default results/runs)")
+    s.add_argument("--name", help="run name (folder prefix)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="resume a killed run: evaluations already stored are reused")
+    e = sub.add_parser("evaluate", help="score the baseline and one prune set, per direction",
+                       description="Score the unpruned model and (with --remove) one prune set on the dev set.")
+    _common(e)
+    e.add_argument("--remove", default="", help="comma-separated units to remove, e.g. enc.3,dec.1")
+    e.add_argument("--json", dest="json_out", help="also write the scores to this JSON file")
+    e.add_argument("--export", metavar="DIR", help="save the pruned model there (loads with transformers)")
+    p = sub.add_parser("pareto", help="(re)export the Pareto front of a run folder",
+                       description="Write pareto.{csv,json,parquet,png} for a run folder from the results store.")
+    p.add_argument("run_dir", help="a run folder made by cullmt-ray search")
+    p.add_argument("--store", help="results store; default: the one the run used")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    return ap
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    o = list(args.overrides)
+    simple = {"model": "model.name", "dev": "data.dev", "split": "data.split", "languages": "data.languages",
+              "directions": "data.directions", "metric": "metric.primary", "spm": "metric.spm",
+              "actors": "resources.actors", "address": "resources.address", "store": "output.store",
+              "strategy": "search.strategy", "threshold": "search.threshold",
+              "target_removed": "search.target_removed", "protect": "search.protect", "output": "output.dir",
+              "name": "name"}
+    for attr, key in simple.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            o.append(f"{key}={v}")
+    if args.max_sentences is not None:
+        o.append("data.max_sentences=null" if args.max_sentences == "all" else f"data.max_sentences={args.max_sentences}")
+    return o
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .search import load_run_config, run_search
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        print(f"[cullmt-ray] resuming {run_dir}", flush=True)
+        run_search(cfg, run_dir)
+    else:
+        run_search(load_config(args.config, _overrides(args)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .atomic import write_json
+    from .candidate import BASELINE, Candidate
+    from .config import load_config
+    from .search import open_session
+
+    cfg = load_config(args.config, _overrides(args))
+    removed = Candidate.of(u.strip() for u in args.remove.split(",") if u.strip())
+    session = open_session(cfg, run_id=f"evaluate-{os.getpid()}")
+    try:
+        session.pool.info[0]  # the pool is up; check the units before spending time
+        units = session.pool.info[0]["units"]
+        bad = [u for u in removed.units if u not in units]
+        if bad:
+            raise ValueError(f"--remove: {bad[0]!r} is not a unit of {cfg.model.name}; its units are "
+                             f"{', '.join(units)}")
+        cands = [BASELINE] if not removed.removed else [BASELINE, removed]
+        evals = session.evaluate(cands, "evaluate")
+        sigs = session.calibration.description["signatures"]
+        report = {"model": cfg.model.name, "dev": cfg.data.dev, "split": cfg.data.split,
+                  "sentences": session.calibration.description["eval"]["sentences"], "signatures": sigs,
+                  "results": [{"removed": e.candidate.units, "params": e.params, "bytes": e.bytes,
+                               "score": e.score, "metrics": e.metrics, "cached": e.cached} for e in evals]}
+        _print_eval(report, cfg.metric.metrics)
+        if args.json_out:
+            write_json(args.json_out, report)
+        if args.export:
+            from .families import ModelSpec, load_family
+
+            fam = load_family(ModelSpec(cfg.model.name, cfg.model.family, cfg.model.dtype, "cpu",
+                                        cfg.model.trust_remote_code, cfg.model.prompt_template))
+            fam.export(removed.units, args.export, {"scores": report["results"], "signatures": sigs})
+            print(f"pruned model saved to {args.export}")
+    finally:
+        session.pool.shutdown()
+        session.store.close()
+    return 0
+
+
+def _print_eval(report: dict, metrics: list[str]) -> None:
+    print(f"model {report['model']}  dev {report['dev']}{' / ' + report['split'] if report['split'] else ''}  "
+          f"({report['sentences']} sentences per language)")
+    for r in report["results"]:
+        label = "baseline" if not r["removed"] else "removed " + ",".join(r["removed"])
+        print(f"\n{label}: {r['params'] / 1e6:.2f}M params, {r['bytes'] / 2**20:.1f} MiB")
+        dirs = [d for d in r["metrics"][metrics[0]] if d != "mean"]
+        print(f"  {'direction':<22}" + "".join(f"{m:>10}" for m in metrics))
+        for d in dirs + ["mean"]:
+            print(f"  {d:<22}" + "".join(f"{r['metrics'][m][d]:>10.2f}" for m in metrics))
+    print()
+    for m, sig in report["signatures"].items():
+        print(f"{m}: {sig}")
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from .search import load_run_config, write_pareto
+    from .store import ResultStore
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    if "context" not in info:
+        raise ValueError(f"{run_dir}: the run has no finished baseline yet (status {info.get('status')}); "
+                         "resume it with cullmt-ray search --resume")
+    store = ResultStore(args.store or cfg.output.store)
+    try:
+        from .candidate import BASELINE
+
+        baseline = store.get(info["context"], BASELINE)
+        trace = json.loads((run_dir / "trace.json").read_text()) if (run_dir / "trace.json").exists() else None
+        files = write_pareto(store, info["context"], baseline, Path(args.out or run_dir), cfg, trace)
+    finally:
+        store.close()
+    for f in files.values():
+        print(f)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.command:
+        build_parser().print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .config import ConfigError
+    from .data import DataError
+    from .families.base import FamilyError
+    from .metrics import MetricError
+    from .search import SearchError
+
+    from ray.exceptions import RayTaskError
+
+    try:
+        return {"search": cmd_search, "evaluate": cmd_evaluate, "pareto": cmd_pareto}[args.command](args)
+    except (ConfigError, DataError, FamilyError, MetricError, SearchError, ValueError, KeyError,
+            RayTaskError) as e:
+        if os.environ.get("CULLMT_DEBUG") == "1":
+            raise
+        if isinstance(e, RayTaskError) and e.cause is not None:
+            e = e.cause
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"cullmt-ray {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Ray actors that hold one model replica each and score candidates; the pool around them.
+
+An actor loads its model once, then for each candidate applies the prune set (no weight
+copies), decodes every direction of the evaluation set (batched, length-sorted, greedy or
+beam) and scores it with sacrebleu. Actors are named (``evaluator-<run>-<slot>``) so the Ray
+dashboard shows them; Ray restarts a dead actor and retries its candidate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import ray
+
+from .candidate import Candidate
+from .data import DevSet, Direction, direction_name
+from .families import Decoding, ModelSpec, load_family
+from .metrics import Scorer
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How candidates are scored; everything here is part of the store's context."""
+
+    metric: str = "spbleu"  # the primary metric the search optimises
+    metrics: tuple[str, ...] = ("spbleu", "chrf++", "bleu")
+    spm: str = "flores200"
+    decoding: Decoding = Decoding()
+
+
+class EvaluatorActor:
+    """One model replica. Created through :class:`EvaluatorPool` as a Ray actor."""
+
+    def __init__(self, spec: ModelSpec, devset: DevSet, settings: EvalSettings, threads: int, name: str):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.name = name
+        self.family = load_family(spec)
+        self.devset = devset
+        self.settings = settings
+        self.scorer = Scorer(spm=settings.spm, metrics=settings.metrics)
+
+    def ready(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "units": self.family.units(), "size": asdict(self.family.size()),
+                "family": self.family.name, "signatures": self.scorer.signatures()}
+
+    def evaluate(self, removed: list[str], directions: list[Direction]) -> dict:
+        t0 = time.perf_counter()
+        per_direction: dict[str, dict[str, float]] = {}
+        with self.family.apply(removed):
+            for src, tgt in directions:
+                hyps = self.family.translate(list(self.devset.lines[src]), src, tgt, self.settings.decoding)
+                per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt]))
+        metrics = {}
+        for m in self.settings.metrics:
+            scores = {d: s[m] for d, s in per_direction.items()}
+            metrics[m] = {**scores, "mean": round(sum(scores.values()) / len(scores), 4)}
+        size = self.family.size(removed)
+        return {"score": metrics[self.settings.metric]["mean"], "metrics": metrics, "params": size.params,
+                "bytes": size.bytes, "sentences": len(self.devset) * len(directions),
+                "seconds": time.perf_counter() - t0, "actor": self.name}
+
+    def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
+        with self.family.apply(removed):
+            return self.family.translate(sources, src, tgt, self.settings.decoding)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How many actors and what each reserves. ``None`` means: decide from the cluster."""
+
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None
+    reserve_cpus: float = 0.1  # left free for the driver and light Ray Tune trials
+
+
+def plan_actors(res: Resources) -> tuple[int, float, float, int]:
+    """(actors, num_cpus per actor, num_gpus per actor, torch threads per actor) for this cluster."""
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
+    gpa = res.gpus_per_actor if res.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if res.actors is not None:
+        n = res.actors
+    elif gpa > 0:
+        n = max(1, int(gpus // gpa))
+    else:
+        n = max(1, int(cpus // res.cpus_per_actor))
+    # Never reserve every CPU: Tune trials and the driver's tasks must still schedule.
+    per_actor_cpu = max(0.01, min(res.cpus_per_actor, (cpus - res.reserve_cpus) / n))
+    threads = max(1, int(round(res.cpus_per_actor)))
+    return n, per_actor_cpu, gpa, threads
+
+
+class EvaluatorPool:
+    """A set of evaluator actors; spreads candidates over them and yields results as they finish."""
+
+    def __init__(self, spec: ModelSpec, devset: DevSet, settings: EvalSettings, resources: Resources = Resources(),
+                 run: str = "run"):
+        n, cpu, gpu, threads = plan_actors(resources)
+        dev_ref = ray.put(devset)
+        cls = ray.remote(EvaluatorActor)
+        self.names = [f"evaluator-{run}-{i}" for i in range(n)]
+        self.actors = [
+            cls.options(name=name, num_cpus=cpu, num_gpus=gpu, max_restarts=3, max_task_retries=3,
+                        max_concurrency=1).remote(spec, dev_ref, settings, threads, name)
+            for name in self.names
+        ]
+        self.info = ray.get([a.ready.remote() for a in self.actors])
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]]) -> Iterator[tuple[Candidate, dict]]:
+        """Yield ``(candidate, result)`` in completion order; each actor works on one job at a time."""
+        pending = list(jobs)[::-1]
+        running: dict[ray.ObjectRef, tuple[int, Candidate]] = {}
+        free = list(range(len(self.actors)))
+        while pending or running:
+            while pending and free:
+                i = free.pop(0)
+                cand, dirs = pending.pop()
+                running[self.actors[i].evaluate.remote(cand.units, dirs)] = (i, cand)
+            done, _ = ray.wait(list(running), num_returns=1)
+            i, cand = running.pop(done[0])
+            free.append(i)
+            yield cand, ray.get(done[0])
+
+    def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
+        """Translate with the first actor (used for reports and, later, KD data)."""
+        return ray.get(self.actors[0].translate.remote(removed, sources, src, tgt))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []

@@ -1,0 +1,98 @@
+"""Model families and loading: hub name or local path, fp32 on CPU, bf16 on GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .base import Decoding, FamilyError, ModelFamily, Size, unit_sort_key
+from .decoder import DecoderOnlyFamily
+from .encdec import EncoderDecoderFamily
+
+FAMILIES: dict[str, type[ModelFamily]] = {
+    EncoderDecoderFamily.name: EncoderDecoderFamily,
+    DecoderOnlyFamily.name: DecoderOnlyFamily,
+}
+REFERENCE_MODELS = ("dense", "moe", "llama")
+
+__all__ = ["Decoding", "FamilyError", "ModelFamily", "ModelSpec", "Size", "FAMILIES", "load_family",
+           "resolve_model_path", "unit_sort_key"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: ``reference:dense``, a hub name or a local path, and how."""
+
+    name: str = "reference:dense"
+    family: str = "auto"
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    trust_remote_code: bool = False
+    prompt_template: str | None = None
+
+
+def resolve_model_path(name: str) -> str:
+    """``reference:NAME`` -> the shipped model's directory; anything else is passed to HF as is."""
+    if name.startswith("reference:"):
+        which = name.split(":", 1)[1]
+        path = Path(str(resources.files("cullmt_ray") / "reference" / "models" / which))
+        if which not in REFERENCE_MODELS or not (path / "config.json").exists():
+            shipped = [m for m in REFERENCE_MODELS if (path.parent / m / "config.json").exists()]
+            raise FamilyError(f"model {name!r} is not shipped; available: "
+                              f"{', '.join('reference:' + m for m in shipped) or 'none'}")
+        return str(path)
+    if name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise FamilyError(f"model {name!r}: no such model folder (expected a directory with config.json, "
+                              "a hub name like facebook/nllb-200-distilled-600M, or reference:dense)")
+        return str(path)
+    return name
+
+
+def _device_and_dtype(spec: ModelSpec) -> tuple[str, torch.dtype]:
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if spec.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif spec.dtype in names:
+        dtype = names[spec.dtype]
+    else:
+        raise FamilyError(f"model.dtype={spec.dtype!r}: expected auto, float32, bfloat16 or float16")
+    return device, dtype
+
+
+def load_family(spec: ModelSpec) -> ModelFamily:
+    """Load model + tokenizer and wrap them in the family that fits (or the one named)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = resolve_model_path(spec.name)
+    if spec.family not in ("auto", *FAMILIES):
+        raise FamilyError(f"model.family={spec.family!r}: expected auto or one of {', '.join(FAMILIES)}")
+    device, dtype = _device_and_dtype(spec)
+    kw = {"trust_remote_code": spec.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise FamilyError(f"model {spec.name!r} could not be loaded as a local path or hub name "
+                          f"({str(e).splitlines()[0][:160]})") from None
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if spec.family != "auto":
+        cls = FAMILIES[spec.family]
+    else:
+        fits = [c for c in FAMILIES.values() if c.matches(model)]
+        if not fits:
+            raise FamilyError(f"model {spec.name!r} ({type(model).__name__}) fits no family; "
+                              f"expected one of {', '.join(FAMILIES)}")
+        cls = fits[0]
+    if cls is DecoderOnlyFamily:
+        return cls(model, tokenizer, spec.name, prompt_template=spec.prompt_template)
+    return cls(model, tokenizer, spec.name)

@@ -1,0 +1,71 @@
+"""Decoder-only LLMs (Llama, Qwen2, Mistral, ...: ``model.model.layers``). Units: ``layer.i``.
+
+They translate from a prompt: a chat template for instruct models (when the tokenizer has
+one), else a plain template. The output is the first line of the continuation.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..languages import name as lang_name
+from .base import Decoding, LayerStack, ModelFamily
+
+# The reference Llama is trained with this template; base LLMs follow it well enough too.
+DEFAULT_TEMPLATE = "{src_name}: {source}\n{tgt_name}:"
+CHAT_INSTRUCTION = "Translate the following {src_name} text into {tgt_name}. Reply with the translation only.\n\n{source}"
+
+
+class DecoderOnlyFamily(ModelFamily):
+    name = "decoder"
+
+    def __init__(self, model: nn.Module, tokenizer, model_id: str, prompt_template: str | None = None,
+                 use_chat_template: bool | None = None):
+        super().__init__(model, tokenizer, model_id)
+        self.prompt_template = prompt_template or DEFAULT_TEMPLATE
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_chat if use_chat_template is None else use_chat_template
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        return hasattr(inner, "layers") and not hasattr(inner, "decoder") and not hasattr(inner, "encoder")
+
+    def _stacks(self) -> list[LayerStack]:
+        return [LayerStack("layer", self.model.model, "layers", ("num_hidden_layers",),
+                           ("layer_types",) if hasattr(self.model.config, "layer_types") else ())]
+
+    def prompt(self, source: str, src: str, tgt: str) -> str:
+        fields = {"src_name": lang_name(src), "tgt_name": lang_name(tgt), "source": source,
+                  "src": src, "tgt": tgt}
+        if self.use_chat_template:
+            msg = [{"role": "user", "content": CHAT_INSTRUCTION.format(**fields)}]
+            return self.tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
+        return self.prompt_template.format(**fields)
+
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
+        tok = self.tokenizer
+        prompts = [self.prompt(s, src, tgt) for s in sources]
+        rows = tok(prompts, add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None and not self.use_chat_template:
+            rows = [[tok.bos_token_id] + r for r in rows]
+        enc = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        longest_src = max(len(tok(s, add_special_tokens=False)["input_ids"]) for s in sources)
+        budget = min(decoding.max_new_tokens, 2 * longest_src + 10)
+        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  num_beams=decoding.num_beams, max_new_tokens=budget, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok))
+        texts = tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        return [t.strip().split("\n")[0].strip() for t in texts]
+
+
+def _stop_ids(tok) -> list[int]:
+    ids = [tok.eos_token_id]
+    nl = tok.convert_tokens_to_ids("<0x0A>")
+    if isinstance(nl, int) and nl != tok.unk_token_id:
+        ids.append(nl)
+    return [i for i in ids if i is not None]

@@ -1,0 +1,54 @@
+"""Dense encoder-decoder translation models: NLLB-200, M2M-100, and anything exposing
+``model.model.encoder.layers`` / ``model.model.decoder.layers``. Units: ``enc.i``, ``dec.i``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..languages import SHORT_TO_NLLB
+from .base import Decoding, FamilyError, LayerStack, ModelFamily
+
+_NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
+
+
+class EncoderDecoderFamily(ModelFamily):
+    name = "encdec"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        return all(hasattr(getattr(inner, part, None), "layers") for part in ("encoder", "decoder")) \
+            and not _is_moe(model)
+
+    def _stacks(self) -> list[LayerStack]:
+        inner = self.model.model
+        return [LayerStack("enc", inner.encoder, "layers", ("encoder_layers",)),
+                LayerStack("dec", inner.decoder, "layers", ("decoder_layers",))]
+
+    def lang_token(self, code: str) -> tuple[str, int]:
+        """The tokenizer's language key and the id generation must start with, for an NLLB code."""
+        tok = self.tokenizer
+        if hasattr(tok, "get_lang_id"):  # M2M-100: '__de__' tokens, 'de' keys
+            short = _NLLB_TO_SHORT.get(code, code)
+            try:
+                return short, tok.get_lang_id(short)
+            except KeyError:
+                raise FamilyError(f"language {code!r} is not supported by {self.model_id}") from None
+        tid = tok.convert_tokens_to_ids(code)
+        if tid is None or tid == tok.unk_token_id:
+            raise FamilyError(f"language {code!r} has no language token in {self.model_id}'s tokenizer")
+        return code, tid
+
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
+        src_key, _ = self.lang_token(src)
+        _, tgt_id = self.lang_token(tgt)
+        self.tokenizer.src_lang = src_key
+        enc = self.tokenizer(sources, return_tensors="pt", padding=True).to(self.device)
+        budget = min(decoding.max_new_tokens, int(enc["input_ids"].shape[1] * 2) + 10)
+        gen = self.model.generate(**enc, forced_bos_token_id=tgt_id, num_beams=decoding.num_beams,
+                                  max_new_tokens=budget, do_sample=False)
+        return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+
+
+def _is_moe(model: nn.Module) -> bool:
+    return "moe" in getattr(model.config, "model_type", "")

@@ -1,0 +1,109 @@
+"""spBLEU, chrF++ and BLEU through sacrebleu; every score carries its sacrebleu signature.
+
+spBLEU is BLEU over SentencePiece pieces. sacrebleu's ``flores200`` tokenizer downloads its
+SPM on first use; where that is impossible, pass a local SentencePiece model path (or
+``reference`` for the model shipped with cullmt-ray). The signature then says
+``tok:spm[<file>#<sha8>]`` so such scores are never mistaken for flores200 ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import sacrebleu
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.tokenizers.tokenizer_base import BaseTokenizer
+
+METRICS = ("spbleu", "chrf++", "bleu")
+REFERENCE_SPM = "reference"
+
+
+class MetricError(ValueError):
+    """A metric that cannot be computed as configured; one line that says what to do."""
+
+
+class LocalSpmTokenizer(BaseTokenizer):
+    """sacrebleu tokenizer over a local SentencePiece model, named by file and content hash."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        self._sig = f"spm[{path.name}#{digest}]"
+
+    def signature(self) -> str:
+        return self._sig
+
+    @lru_cache(maxsize=2**16)
+    def __call__(self, line: str) -> str:
+        return " ".join(self.sp.encode(line, out_type=str))
+
+
+def _flores200_path() -> Path:
+    from sacrebleu.utils import SACREBLEU_DIR
+
+    return Path(SACREBLEU_DIR) / "models" / "flores200sacrebleuspm"
+
+
+def resolve_spm(spm: str) -> str | Path:
+    """``flores200`` (sacrebleu's cached model) or a local model path; clear error when missing."""
+    if spm == "flores200":
+        if _flores200_path().exists() or os.environ.get("CULLMT_ALLOW_DOWNLOAD") == "1":
+            return "flores200"
+        raise MetricError(
+            f"spBLEU needs the flores200 SentencePiece model, not found at {_flores200_path()} "
+            "(sacrebleu downloads it when online: run `sacrebleu -tok flores200` once, or set "
+            "CULLMT_ALLOW_DOWNLOAD=1), or pass a local model with metric.spm=PATH (or 'reference')")
+    if spm == REFERENCE_SPM:
+        return Path(str(resources.files("cullmt_ray") / "reference" / "spm" / "multi30k_spm.model"))
+    path = Path(spm).expanduser()
+    if not path.is_file():
+        raise MetricError(f"metric.spm={spm!r}: no such SentencePiece model file; expected 'flores200', "
+                          "'reference' or a path to a .model file")
+    return path
+
+
+@dataclass
+class Scorer:
+    """Computes the configured metrics for one direction at a time."""
+
+    spm: str = "flores200"
+    metrics: tuple[str, ...] = METRICS
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise MetricError(f"unknown metric {unknown[0]!r}: expected one of {', '.join(METRICS)}")
+        self._bleu = BLEU()
+        self._chrf = CHRF(word_order=2)
+        self._spbleu = None
+        if "spbleu" in self.metrics:
+            tok = resolve_spm(self.spm)
+            if isinstance(tok, str):
+                self._spbleu = BLEU(tokenize=tok)
+            else:
+                self._spbleu = BLEU(tokenize="none")
+                self._spbleu.tokenizer = LocalSpmTokenizer(tok)
+                self._spbleu.tokenizer_signature = self._spbleu.tokenizer.signature()
+        for m in self.metrics:  # sacrebleu fixes a signature's nrefs on first use
+            self._metric(m).corpus_score(["a"], [["a"]])
+
+    def _metric(self, name: str):
+        return {"spbleu": self._spbleu, "chrf++": self._chrf, "bleu": self._bleu}[name]
+
+    def signatures(self) -> dict[str, str]:
+        """sacrebleu signature string of each metric, e.g. ``nrefs:1|case:mixed|...|version:2.6.0``."""
+        return {m: str(self._metric(m).get_signature()) for m in self.metrics}
+
+    def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
+        return {m: round(self._metric(m).corpus_score(hyps, [refs]).score, 4) for m in self.metrics}
+
+
+def sacrebleu_version() -> str:
+    return sacrebleu.__version__

@@ -1,0 +1,283 @@
+"""The search driver: config -> dev set -> evaluator pool -> strategy loop -> store -> run folder.
+
+A run folder (``results/runs/<name>-<time>``) holds the resolved config, ``run.json`` (status,
+baseline, signatures, budget spent), the strategy trace, held-out scores and the Pareto files.
+Every evaluation goes to the store the moment it finishes; ``--resume RUN_DIR`` replays the
+strategy, reading every evaluation it already has from the store instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import ray
+import yaml
+from tqdm import tqdm
+
+from .atomic import write_json, write_text
+from .candidate import BASELINE, Candidate
+from .config import SearchRunConfig, from_dict, validate
+from .data import DevSet, Direction, describe, direction_name, load_devset, parse_directions
+from .evaluator import EvalSettings, EvaluatorPool, Resources
+from .families import Decoding, ModelSpec
+from .families.base import FamilyError
+from .pareto import export_front
+from .store import Evaluation, ResultStore
+from .strategies import STRATEGIES, BaseStrategy, SearchSpace, StopRule
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start or go on; one line saying why."""
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (auto, ray://, or a head's GCS) or start a local cluster."""
+    if ray.is_initialized():
+        return
+    kw: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, **kw)
+
+
+@dataclass
+class EvalSet:
+    """One evaluation context: the directions scored and the store key of the whole setting."""
+
+    directions: list[Direction]
+    description: dict
+    context: str = ""
+
+
+@dataclass
+class Session:
+    """What a search needs at hand: pool, store, contexts, and the budget it has spent."""
+
+    cfg: SearchRunConfig
+    run_id: str
+    pool: EvaluatorPool
+    store: ResultStore
+    calibration: EvalSet
+    heldout: EvalSet | None
+    evaluated: int = 0  # full evaluations computed in this run
+    cached: int = 0  # evaluations read from the store instead
+    sentences: int = 0  # sentences generated in this run
+    progress: Callable[[int], None] | None = field(default=None, repr=False)
+
+    def evaluate(self, candidates: list[Candidate], strategy: str, evalset: EvalSet | None = None) -> list[Evaluation]:
+        """Scores in input order: from the store where known, else from the pool (and then stored)."""
+        es = evalset or self.calibration
+        out: dict[Candidate, Evaluation] = {}
+        todo: list[Candidate] = []
+        for c in dict.fromkeys(candidates):
+            hit = self.store.get(es.context, c)
+            if hit is not None:
+                out[c] = hit
+                self.cached += 1
+            else:
+                todo.append(c)
+        if self.cfg.search.max_evaluations is not None and es is self.calibration:
+            left = self.cfg.search.max_evaluations - self.evaluated
+            if len(todo) > left:
+                raise BudgetExhausted(f"budget of {self.cfg.search.max_evaluations} evaluations spent")
+        bar = tqdm(total=len(todo), desc=f"{strategy}: evaluating", unit="cand", leave=False,
+                   disable=not todo or os.environ.get("CULLMT_NO_PROGRESS") == "1")
+        for cand, res in self.pool.evaluate((c, es.directions) for c in todo):
+            ev = Evaluation(cand, res["score"], res["params"], res["bytes"], res["metrics"], res["sentences"],
+                            res["seconds"], strategy, self.run_id, res["actor"])
+            self.store.put(es.context, ev)
+            out[cand] = ev
+            self.evaluated += 1
+            self.sentences += res["sentences"]
+            bar.update(1)
+        bar.close()
+        return [out[c] for c in candidates]
+
+
+class BudgetExhausted(RuntimeError):
+    pass
+
+
+def _devset(cfg: SearchRunConfig) -> DevSet:
+    ds = load_devset(cfg.data.dev, cfg.data.languages, cfg.data.split)
+    return ds.subsample(cfg.data.max_sentences, cfg.data.seed)
+
+
+def _evalset(cfg: SearchRunConfig, ds: DevSet, dirs: list[Direction], signatures: dict, model_id: str,
+             units: list[str]) -> EvalSet:
+    desc = {"model": model_id, "units": units, "dtype": cfg.model.dtype, "eval": describe(ds, dirs),
+            "metric": cfg.metric.primary, "signatures": signatures,
+            "decoding": asdict(Decoding(**asdict(cfg.decoding)))}
+    return EvalSet(dirs, desc)
+
+
+def preflight(cfg: SearchRunConfig) -> None:
+    """Fail fast, in the driver, on what would otherwise fail inside every actor."""
+    from transformers import AutoConfig
+
+    from .families import resolve_model_path
+    from .metrics import resolve_spm
+
+    path = resolve_model_path(cfg.model.name)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise FamilyError(f"model.name={cfg.model.name!r}: not a local model folder, and the hub could not "
+                          f"provide it ({str(e).splitlines()[0][:120]})") from None
+    if "spbleu" in cfg.metric.metrics:
+        resolve_spm(cfg.metric.spm)
+
+
+def open_session(cfg: SearchRunConfig, run_id: str) -> Session:
+    """Start (or join) Ray, load the dev set, start the pool, register the evaluation contexts."""
+    ds = _devset(cfg)
+    preflight(cfg)
+    ensure_ray(cfg.resources.address, cfg.resources.num_cpus)
+    all_dirs = parse_directions(cfg.data.directions, ds.languages)
+    calib_dirs = parse_directions(cfg.data.calibration, ds.languages) if cfg.data.calibration else all_dirs
+    held_dirs = [d for d in all_dirs if d not in calib_dirs] if cfg.data.heldout else []
+    spec = ModelSpec(cfg.model.name, cfg.model.family, cfg.model.dtype, cfg.model.device,
+                     cfg.model.trust_remote_code, cfg.model.prompt_template)
+    settings = EvalSettings(cfg.metric.primary, tuple(cfg.metric.metrics), cfg.metric.spm,
+                            Decoding(**asdict(cfg.decoding)))
+    res = Resources(cfg.resources.actors, cfg.resources.cpus_per_actor, cfg.resources.gpus_per_actor,
+                    cfg.resources.reserve_cpus)
+    pool = EvaluatorPool(spec, ds, settings, res, run=run_id)
+    info = pool.info[0]
+    store = ResultStore(cfg.output.store)
+    calib = _evalset(cfg, ds, calib_dirs, info["signatures"], cfg.model.name, info["units"])
+    calib.context = store.register_context(calib.description)
+    held = None
+    if held_dirs:
+        held = _evalset(cfg, ds, held_dirs, info["signatures"], cfg.model.name, info["units"])
+        held.context = store.register_context(held.description)
+    return Session(cfg, run_id, pool, store, calib, held)
+
+
+def make_strategy(cfg: SearchRunConfig, units: list[str], baseline: Evaluation) -> BaseStrategy:
+    if cfg.search.strategy not in STRATEGIES:
+        raise SearchError(f"search.strategy={cfg.search.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    bad = [u for u in cfg.search.protect if u not in units]
+    if bad:
+        raise SearchError(f"search.protect: {bad[0]!r} is not a unit of this model ({units[0]} .. {units[-1]})")
+    space = SearchSpace(units, frozenset(cfg.search.protect), baseline.score, baseline.params)
+    stop = StopRule(cfg.search.threshold, cfg.search.target_removed, cfg.search.target_params_fraction,
+                    cfg.search.max_evaluations)
+    return STRATEGIES[cfg.search.strategy](space=space, stop=stop, seed=cfg.search.seed)
+
+
+def new_run_dir(cfg: SearchRunConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output.dir) / f"{cfg.name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def load_run_config(run_dir: Path) -> SearchRunConfig:
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        raise SearchError(f"--resume {run_dir}: no config.yaml there; expected a run folder made by cullmt-ray search")
+    cfg = from_dict(SearchRunConfig, yaml.safe_load(f.read_text()))
+    validate(cfg)
+    return cfg
+
+
+def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume, when ``run_dir`` has a config) the configured search; return the run folder."""
+    resuming = run_dir is not None and (run_dir / "config.yaml").exists()
+    run_dir = run_dir or new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_id = run_dir.name
+    t0 = time.time()
+    status = {"run": run_id, "status": "running", "resumed": resuming, "config": "config.yaml",
+              "started": datetime.now(timezone.utc).isoformat()}
+    write_json(run_dir / "run.json", status)
+    try:
+        session = open_session(cfg, run_id)
+    except (FamilyError, ValueError) as e:
+        status.update(status="failed", error=str(e))
+        write_json(run_dir / "run.json", status)
+        raise
+    try:
+        log(f"[cullmt-ray] run {run_id}: {session.pool.size} evaluator actor(s), "
+            f"{len(session.calibration.directions)} calibration direction(s), store {cfg.output.store}")
+        (baseline,) = session.evaluate([BASELINE], "baseline")
+        log(f"[cullmt-ray] baseline {cfg.metric.primary} = {baseline.score:.2f}, "
+            f"{baseline.params / 1e6:.2f}M params")
+        units = session.pool.info[0]["units"]
+        strategy = make_strategy(cfg, units, baseline)
+        stop_reason = ""
+        try:
+            while batch := strategy.ask():
+                strategy.tell(session.evaluate(batch, strategy.name))
+                write_json(run_dir / "trace.json", strategy.trace())
+        except BudgetExhausted as e:
+            stop_reason = str(e)
+        trace = strategy.trace()
+        if stop_reason:
+            trace["stop_reason"] = stop_reason
+        write_json(run_dir / "trace.json", trace)
+        heldout = score_heldout(session, trace, baseline)
+        if heldout:
+            write_json(run_dir / "heldout.json", heldout)
+        files = write_pareto(session.store, session.calibration.context, baseline, run_dir, cfg, trace)
+        status.update(
+            status="finished", finished=datetime.now(timezone.utc).isoformat(), wall_seconds=round(time.time() - t0, 2),
+            actors=session.pool.names, context=session.calibration.context,
+            heldout_context=session.heldout.context if session.heldout else None,
+            calibration=[direction_name(d) for d in session.calibration.directions],
+            signatures=session.calibration.description["signatures"],
+            baseline={"score": baseline.score, "params": baseline.params, "bytes": baseline.bytes},
+            final={"removed": trace.get("final", []), "stop_reason": trace.get("stop_reason", "")},
+            budget={"evaluations": session.evaluated, "cached": session.cached, "sentences": session.sentences},
+            files={k: str(v.relative_to(run_dir)) for k, v in files.items()})
+        write_json(run_dir / "run.json", status)
+        log(f"[cullmt-ray] finished: removed {trace.get('final', [])} ({trace.get('stop_reason', '')}); "
+            f"{session.evaluated} evaluations computed, {session.cached} read from the store")
+        log(f"[cullmt-ray] Pareto front: {run_dir / 'pareto.csv'} and {run_dir / 'pareto.png'}")
+        return run_dir
+    except BaseException as e:
+        status.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e)[:500])
+        write_json(run_dir / "run.json", status)
+        raise
+    finally:
+        session.pool.shutdown()
+        session.store.close()
+
+
+def greedy_path(trace: dict, baseline: Evaluation, store: ResultStore, context: str) -> list[tuple[int, float]]:
+    pts = [(baseline.params, baseline.score)]
+    for s in trace.get("steps", []):
+        if s.get("accepted"):
+            pts.append((s["params"], s["best_score"]))
+    return pts
+
+
+def score_heldout(session: Session, trace: dict, baseline: Evaluation) -> dict | None:
+    """Score the baseline and the final prune set on the directions the search did not see."""
+    if session.heldout is None:
+        return None
+    final = Candidate.of(trace.get("final", []))
+    base_h, final_h = session.evaluate([BASELINE, final], "heldout", session.heldout)
+    return {"directions": [direction_name(d) for d in session.heldout.directions],
+            "baseline": {"score": base_h.score, "metrics": base_h.metrics},
+            "final": {"removed": final.units, "score": final_h.score, "metrics": final_h.metrics,
+                      "drop": round(base_h.score - final_h.score, 4)}}
+
+
+def write_pareto(store: ResultStore, context: str, baseline: Evaluation, out_dir: Path, cfg: SearchRunConfig,
+                 trace: dict | None = None) -> dict[str, Path]:
+    evals = list(store.evaluations(context))
+    paths = {trace.get("strategy", "search"): greedy_path(trace, baseline, store, context)} if trace else None
+    title = f"{cfg.model.name} on {cfg.data.dev} ({len(evals)} evaluations)"
+    return export_front(evals, baseline, out_dir, cfg.metric.primary, title, paths)

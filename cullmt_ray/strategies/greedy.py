@@ -1,0 +1,56 @@
+"""Greedy layer removal as in CULL-MT: each step scores every single further removal and
+drops the least harmful unit, until the drop from the baseline passes the threshold or the
+size target is reached. The step trace says what every step saw and chose."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..candidate import BASELINE, Candidate
+from ..store import Evaluation
+from .base import BaseStrategy
+
+
+@dataclass
+class GreedyStrategy(BaseStrategy):
+    name: str = "greedy"
+    current: Candidate = BASELINE
+    steps: list[dict] = field(default_factory=list)
+    finished: bool = False
+    stop_reason: str = ""
+    _asked: list[Candidate] = field(default_factory=list)
+
+    def ask(self) -> list[Candidate]:
+        if self.finished:
+            return []
+        options = [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed]
+        self._asked = [c for c in options if self.space.allows(c)]
+        if not self._asked:
+            self._finish("no removable unit left")
+        return self._asked
+
+    def tell(self, results: list[Evaluation]) -> None:
+        # Best score first; ties go to the smaller model, then to the first unit in model order.
+        best = max(results, key=lambda e: (e.score, -e.params))
+        drop = self.space.baseline_score - best.score
+        step = {"step": len(self.steps) + 1, "from": self.current.units,
+                "tried": {"+".join(sorted(r.candidate.removed - self.current.removed)): r.score for r in results},
+                "best_unit": "+".join(sorted(best.candidate.removed - self.current.removed)),
+                "best_score": best.score, "drop": round(drop, 4), "params": best.params}
+        if drop > self.stop.threshold:
+            step["accepted"] = False
+            self.steps.append(step)
+            self._finish(f"the best next removal drops {drop:.2f} points > threshold {self.stop.threshold}")
+            return
+        step["accepted"] = True
+        self.steps.append(step)
+        self.current = best.candidate
+        if self.stop.size_reached(len(self.current), best.params, self.space.baseline_params):
+            self._finish("size target reached")
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.stop_reason = True, reason
+
+    def trace(self) -> dict:
+        return {"strategy": self.name, "final": self.current.units, "stop_reason": self.stop_reason,
+                "steps": self.steps}

@@ -1,0 +1,111 @@
+"""Model families: units, pruning without copies, KV-cache renumbering, sizes, export round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from cullmt_ray.families import FamilyError, ModelSpec, load_family
+
+
+@pytest.fixture(scope="module")
+def encdec(tiny_encdec):
+    return load_family(ModelSpec(str(tiny_encdec)))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return load_family(ModelSpec(str(tiny_llama)))
+
+
+def test_units_and_family(encdec, llama):
+    assert encdec.name == "encdec" and encdec.units() == ["enc.0", "enc.1", "enc.2", "dec.0", "dec.1", "dec.2"]
+    assert llama.name == "decoder" and llama.units() == ["layer.0", "layer.1", "layer.2", "layer.3"]
+
+
+def test_apply_shares_weights_and_restores(encdec):
+    layers = list(encdec.model.model.decoder.layers)
+    ptrs = {n: p.data_ptr() for n, p in encdec.model.named_parameters()}
+    with encdec.apply(["dec.1", "enc.0"]) as m:
+        assert len(m.model.decoder.layers) == 2 and m.config.decoder_layers == 2
+        assert len(m.model.encoder.layers) == 2 and m.config.encoder_layers == 2
+        assert m.model.decoder.layers[1] is layers[2]  # same module object: nothing copied
+        assert m.model.decoder.layers[1].self_attn.layer_idx == 1
+    assert list(encdec.model.model.decoder.layers) == layers
+    assert encdec.model.config.decoder_layers == 3
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    assert {n: p.data_ptr() for n, p in encdec.model.named_parameters()} == ptrs
+
+
+@pytest.mark.parametrize("which,unit", [("encdec", "dec.1"), ("llama", "layer.1")])
+def test_kv_cache_after_removing_a_middle_layer(which, unit, request, demo_sources):
+    """Without renumbering layer_idx, cached generation raises IndexError; with it, cached == uncached."""
+    fam = request.getfixturevalue(which)
+    with fam.apply([unit]) as m:
+        cached = fam.translate(demo_sources, "eng_Latn", "deu_Latn")
+        m.generation_config.use_cache = False
+        try:
+            uncached = fam.translate(demo_sources, "eng_Latn", "deu_Latn")
+        finally:
+            m.generation_config.use_cache = True
+    assert cached == uncached
+
+
+@pytest.mark.parametrize("which,identity,real", [("encdec", "dec.2", "dec.0"), ("encdec", "enc.1", "enc.2"),
+                                                  ("llama", "layer.2", "layer.1")])
+def test_identity_layer_removal_changes_nothing(which, identity, real, request, demo_sources):
+    fam = request.getfixturevalue(which)
+    base = fam.translate(demo_sources, "eng_Latn", "deu_Latn")
+    with fam.apply([identity]):
+        assert fam.translate(demo_sources, "eng_Latn", "deu_Latn") == base
+    with fam.apply([real]):
+        assert fam.translate(demo_sources, "eng_Latn", "deu_Latn") != base
+
+
+def test_size_accounts_removed_layers(encdec):
+    full = encdec.size()
+    layer = encdec.model.model.decoder.layers[0]
+    n = sum(p.numel() for p in layer.parameters())
+    assert full.params == sum(p.numel() for p in encdec.model.parameters())
+    assert encdec.size(["dec.0"]).params == full.params - n
+    assert encdec.size(["dec.0"]).bytes == full.bytes - 4 * n  # fp32 on CPU
+
+
+def test_bad_prune_sets(encdec):
+    with pytest.raises(FamilyError, match="'dec.9' is not in this model"):
+        encdec.size(["dec.9"])
+    with pytest.raises(FamilyError, match="removes every layer of 'enc'"):
+        with encdec.apply(["enc.0", "enc.1", "enc.2"]):
+            pass
+    assert len(encdec.model.model.encoder.layers) == 3
+
+
+@pytest.mark.parametrize("which,removed,auto", [("encdec", ["enc.0", "dec.1"], AutoModelForSeq2SeqLM),
+                                                 ("llama", ["layer.1"], AutoModelForCausalLM)])
+def test_export_reloads_with_plain_transformers(which, removed, auto, request, tmp_path, demo_sources):
+    fam = request.getfixturevalue(which)
+    with fam.apply(removed):
+        expected = fam.translate(demo_sources, "eng_Latn", "fra_Latn")
+    out = fam.export(removed, tmp_path / "pruned")
+    model = auto.from_pretrained(out).eval()  # plain transformers, no cullmt_ray involved
+    tok = AutoTokenizer.from_pretrained(out)
+    n_layers = sum(len(s.layers) for s in fam.stacks)
+    assert sum(p.numel() for p in model.parameters()) == fam.size(removed).params
+    reloaded = type(fam)(model, tok, str(out))
+    assert sum(len(s.layers) for s in reloaded.stacks) == n_layers - len(removed)
+    assert reloaded.translate(demo_sources, "eng_Latn", "fra_Latn") == expected
+    # the state dict is renumbered: layer keys run 0..n-1 with no gaps
+    keys = {k.split(".layers.")[1].split(".")[0] for k in model.state_dict() if ".layers." in k}
+    assert keys == {str(i) for i in range(max(int(k) for k in keys) + 1)}
+
+
+def test_bad_model_path():
+    with pytest.raises(FamilyError, match="no such model folder"):
+        load_family(ModelSpec("/nonexistent/model"))
+
+
+def test_dtype_choice(tiny_encdec):
+    fam = load_family(ModelSpec(str(tiny_encdec), dtype="bfloat16"))
+    assert next(fam.model.parameters()).dtype == torch.bfloat16
+    assert fam.size().bytes == 2 * fam.size().params

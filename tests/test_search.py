@@ -1,0 +1,94 @@
+"""Greedy search on Ray where the right answer is known, store dedup across runs, held-out scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from cullmt_ray.config import load_config
+from cullmt_ray.search import run_search
+from cullmt_ray.store import ResultStore
+
+from .conftest import write_self_reference_devset
+
+
+def config(tmp_path, model, dev, **extra):
+    sets = [f"model.name={model}", f"data.dev={dev}", "data.languages=[eng_Latn, deu_Latn]",
+            "data.directions=eng_Latn-deu_Latn", "data.max_sentences=null", "metric.spm=reference",
+            "search.threshold=0.0", f"output.dir={tmp_path / 'runs'}", f"output.store={tmp_path / 'store.sqlite'}",
+            "resources.actors=2", "name=t"]
+    sets += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return load_config(None, sets)
+
+
+def test_greedy_drops_exactly_the_identity_layers(ray_cluster, tiny_encdec, demo_sources, tmp_path):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    run = run_search(config(tmp_path, tiny_encdec, dev), log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    assert sorted(trace["final"]) == ["dec.2", "enc.1"]
+    assert [s["accepted"] for s in trace["steps"]] == [True, True, False]
+    assert trace["steps"][0]["best_score"] == 100.0 and trace["steps"][2]["best_score"] < 100.0
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["baseline"]["score"] == 100.0
+    # 1 baseline + 6 + 5 + 4 single removals, each evaluated once
+    assert info["budget"] == {"evaluations": 16, "cached": 0, "sentences": 16 * len(demo_sources)}
+    front = pd.read_csv(run / "pareto.csv")
+    top = front[front["score"] == front["score"].max()]
+    assert top["removed_units"].tolist() == ["enc.1 dec.2"] and top["score"].iloc[0] == 100.0
+    assert 0 not in front["n_removed"].tolist()  # the baseline is dominated by its identity-free twin
+    assert (run / "pareto.png").stat().st_size > 10_000
+
+
+def test_greedy_drops_a_destructive_layer_first(ray_cluster, tiny_llama, demo_sources, tmp_path):
+    # references made without layer.0: layer.0 now hurts, so removing it *raises* the score to 100
+    dev = write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources, removed=("layer.0",))
+    run = run_search(config(tmp_path, tiny_llama, dev, search__target_removed=2), log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    assert trace["steps"][0]["best_unit"] == "layer.0" and trace["steps"][0]["drop"] < 0
+    assert trace["steps"][1]["best_unit"] == "layer.2" and trace["steps"][1]["best_score"] == 100.0
+    assert trace["final"] == ["layer.0", "layer.2"]
+
+
+def test_decoder_only_known_answer_and_protect(ray_cluster, tiny_llama, demo_sources, tmp_path):
+    dev = write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources)
+    run = run_search(config(tmp_path, tiny_llama, dev), log=lambda s: None)
+    assert json.loads((run / "trace.json").read_text())["final"] == ["layer.2"]
+    run = run_search(config(tmp_path, tiny_llama, dev, search__protect="[layer.2]"), log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    assert "layer.2" not in trace["final"] and trace["steps"][0]["accepted"] is False
+
+
+def test_no_candidate_is_evaluated_twice_across_runs(ray_cluster, tiny_encdec, demo_sources, tmp_path):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    cfg = config(tmp_path, tiny_encdec, dev)
+    first = json.loads((run_search(cfg, log=lambda s: None) / "run.json").read_text())
+    second = json.loads((run_search(cfg, log=lambda s: None) / "run.json").read_text())
+    assert first["budget"]["evaluations"] == 16
+    assert second["budget"] == {"evaluations": 0, "cached": 16, "sentences": 0}
+    store = ResultStore(cfg.output.store)
+    assert store.count(first["context"]) == 16
+    # a different threshold and a size target reuse the same evaluations: same context
+    cfg2 = config(tmp_path, tiny_encdec, dev, search__threshold=50, search__target_removed=3)
+    third = json.loads((run_search(cfg2, log=lambda s: None) / "run.json").read_text())
+    assert third["context"] == first["context"] and third["budget"]["cached"] == 16
+    assert len(third["final"]["removed"]) == 3 and third["final"]["stop_reason"] == "size target reached"
+
+
+def test_heldout_directions_are_scored(ray_cluster, tiny_encdec, demo_sources, tmp_path):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    cfg = config(tmp_path, tiny_encdec, dev, data__directions="all", data__calibration="eng_Latn-deu_Latn")
+    run = run_search(cfg, log=lambda s: None)
+    held = json.loads((run / "heldout.json").read_text())
+    assert held["directions"] == ["deu_Latn-eng_Latn"]
+    assert sorted(held["final"]["removed"]) == ["dec.2", "enc.1"]
+    assert held["final"]["drop"] == 0.0  # identity layers change nothing in any direction
+
+
+def test_budget_limit_stops_the_search(ray_cluster, tiny_encdec, demo_sources, tmp_path):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    run = run_search(config(tmp_path, tiny_encdec, dev, search__max_evaluations=8), log=lambda s: None)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and "budget" in info["final"]["stop_reason"]
+    assert info["budget"]["evaluations"] <= 8
