@@ -106,12 +106,14 @@ class EvaluatorPool:
     def __init__(self, spec: ModelSpec, devset: DevSet, settings: EvalSettings, resources: Resources = Resources(),
                  run: str = "run"):
         n, cpu, gpu, threads = plan_actors(resources)
-        dev_ref = ray.put(devset)
+        # Held for the pool's lifetime: a restarted actor re-reads its constructor arguments
+        # from the object store (ray-project/ray#53727).
+        self._devset_ref = ray.put(devset)
         cls = ray.remote(EvaluatorActor)
         self.names = [f"evaluator-{run}-{i}" for i in range(n)]
         self.actors = [
             cls.options(name=name, num_cpus=cpu, num_gpus=gpu, max_restarts=3, max_task_retries=3,
-                        max_concurrency=1).remote(spec, dev_ref, settings, threads, name)
+                        max_concurrency=1).remote(spec, self._devset_ref, settings, threads, name)
             for name in self.names
         ]
         self.info = ray.get([a.ready.remote() for a in self.actors])

@@ -83,3 +83,38 @@ def _save(model: nn.Module, tok, out_dir: str | Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def insert_identity_layers(model_dir: str | Path, out_dir: str | Path, positions: dict[str, list[int]]) -> Path:
+    """Copy a model, inserting exact-identity layers (copies of a neighbour with zeroed output
+    projections) at ``positions`` per stack (``{"enc": [2], "dec": [0]}``: indices in the new stack)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from .families import resolve_model_path
+
+    path = resolve_model_path(str(model_dir))
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    except ValueError:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    inner = model.model
+    stacks = {"enc": getattr(inner, "encoder", None), "dec": getattr(inner, "decoder", None), "layer": inner}
+    counts = {"enc": "encoder_layers", "dec": "decoder_layers", "layer": "num_hidden_layers"}
+    for prefix, where in positions.items():
+        owner = stacks[prefix]
+        layers = list(owner.layers)
+        for pos in sorted(where):
+            new = copy.deepcopy(layers[min(pos, len(layers) - 1)])
+            layers.insert(pos, new)
+        owner.layers = nn.ModuleList(layers)
+        for i, layer in enumerate(layers):
+            for m in layer.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = i
+        setattr(model.config, counts[prefix], len(layers))
+        for pos in where:
+            make_identity(model, f"{prefix}.{pos}")
+    return _save(model.eval(), tok, out_dir)

@@ -65,7 +65,8 @@ def load_pairs(cfg: dict, split: str) -> list[tuple[str, str, list[str], list[st
     """(src_code, tgt_code, src_lines, tgt_lines) for every configured direction."""
     d = Path(cfg["data"]["dir"])
     files = cfg["data"]["files"]  # NLLB code -> file suffix
-    text = {c: read_lines(d / f"{split}.{suffix}.gz") for c, suffix in files.items()}
+    limit = cfg["data"].get("limit") if split == "train" else None  # smoke runs: first N lines only
+    text = {c: read_lines(d / f"{split}.{suffix}.gz")[:limit] for c, suffix in files.items()}
     return [(s, t, text[s], text[t]) for s, t in (x.split("-") for x in cfg["data"]["directions"])]
 
 
@@ -125,7 +126,7 @@ def collate(examples, batch: list[int], pad_id: int, arch: str) -> dict[str, tor
     tgts = [examples[i][1] for i in batch]
     if arch == "llama":
         ids = pad(srcs, pad_id)
-        return {"input_ids": ids, "attention_mask": (ids != pad_id).long() | 0, "labels": pad(tgts, -100)}
+        return {"input_ids": ids, "attention_mask": (ids != pad_id).long(), "labels": pad(tgts, -100)}
     ids = pad(srcs, pad_id)
     return {"input_ids": ids, "attention_mask": (ids != pad_id).long(), "labels": pad(tgts, -100)}
 
@@ -200,8 +201,6 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg['arch']}: {n_params / 1e6:.2f}M parameters", flush=True)
     examples = encode_examples(cfg, tok, "train")
-    if cfg["data"].get("limit"):
-        examples = examples[: cfg["data"]["limit"]]
     print(f"{len(examples)} training examples", flush=True)
 
     optim = torch.optim.AdamW(model.parameters(), lr=opt_cfg["lr"], betas=(0.9, 0.98),
@@ -235,8 +234,10 @@ def main() -> None:
                 g["lr"] = lr_at(state["step"], opt_cfg["lr"], opt_cfg["warmup"], total)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 labels = batch.pop("labels")
-                out = model(**batch, labels=labels if aux else None,
-                            decoder_input_ids=None if cfg["arch"] == "llama" else shift_right(labels, tok))
+                extra = {} if cfg["arch"] == "llama" else {"decoder_input_ids": shift_right(labels, tok)}
+                if aux:
+                    extra.update(labels=labels, output_router_logits=True)
+                out = model(**batch, **extra)
                 logits = out.logits.float()
                 if cfg["arch"] == "llama":
                     logits, labels = logits[:, :-1], labels[:, 1:]

@@ -83,7 +83,7 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, tiny_encdec):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
     before = _count(store)
-    assert 6 <= before < 19, "the search must be killed midway"
+    assert before >= 6 and proc.returncode != 0, "the search must be killed midway"
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
@@ -92,8 +92,8 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, tiny_encdec):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["resumed"] is True
     # everything stored before the kill was read back; only the rest was computed
-    assert info["budget"]["cached"] == before and info["budget"]["evaluations"] == 19 - before
-    assert _count(store) == 19
+    assert info["budget"]["cached"] == before and info["budget"]["evaluations"] >= 1
+    assert _count(store) == before + info["budget"]["evaluations"]
     assert (run_dir / "pareto.csv").exists() and (run_dir / "pareto.png").exists()
 
     # the resumed run ends where an uninterrupted one ends
@@ -103,3 +103,4 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, tiny_encdec):
     (fresh_dir,) = (tmp_path / "f").iterdir()
     assert json.loads((fresh_dir / "trace.json").read_text())["final"] == \
         json.loads((run_dir / "trace.json").read_text())["final"]
+    assert json.loads((fresh_dir / "run.json").read_text())["budget"]["evaluations"] == _count(store)

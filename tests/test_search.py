@@ -92,3 +92,23 @@ def test_budget_limit_stops_the_search(ray_cluster, tiny_encdec, demo_sources, t
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and "budget" in info["final"]["stop_reason"]
     assert info["budget"]["evaluations"] <= 8
+
+
+@pytest.fixture(scope="module")
+def dense_with_identities(tmp_path_factory):
+    """The trained dense reference model with two exact-identity layers inserted (enc.3 and dec.0)."""
+    from cullmt_ray.tiny import insert_identity_layers
+
+    return insert_identity_layers("reference:dense", tmp_path_factory.mktemp("m") / "dense_id",
+                                  {"enc": [3], "dec": [0]})
+
+
+def test_greedy_on_the_trained_model_finds_the_inserted_identities(ray_cluster, dense_with_identities,
+                                                                  demo_sources, tmp_path):
+    dev = write_self_reference_devset(dense_with_identities, tmp_path / "dev", demo_sources)
+    run = run_search(config(tmp_path, dense_with_identities, dev), log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    assert trace["final"] == ["enc.3", "dec.0"]
+    assert len(trace["steps"][0]["tried"]) == 14 and trace["steps"][2]["accepted"] is False
+    # every real layer of the trained model matters: removing any of them costs spBLEU
+    assert max(trace["steps"][2]["tried"].values()) < 100.0

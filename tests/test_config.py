@@ -1,0 +1,45 @@
+"""Configs: every shipped search space validates; overrides and errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cullmt_ray.config import ConfigError, load_config
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_shipped_search_spaces_validate(path):
+    cfg = load_config(path)
+    assert cfg.metric.primary in cfg.metric.metrics and cfg.metric.spm != "auto"
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = load_config(None)
+    assert cfg.model.name == "reference:dense" and cfg.data.dev == "builtin:demo"
+    assert cfg.metric.spm == "reference" and cfg.search.strategy == "greedy"
+
+
+def test_overrides_and_types():
+    cfg = load_config(None, ["search.threshold=1.5", "data.languages=en,de", "search.protect=[enc.0, dec.5]",
+                             "data.max_sentences=null", "model.name=facebook/nllb-200-distilled-600M"])
+    assert cfg.search.threshold == 1.5 and cfg.data.languages == ["en", "de"]
+    assert cfg.search.protect == ["enc.0", "dec.5"] and cfg.data.max_sentences is None
+    assert cfg.metric.spm == "flores200"  # auto resolves to flores200 for non-reference models
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["search.threshold=abc"], "search.threshold='abc': expected a number"),
+    (["bogus.x=1"], "bogus: unknown section"),
+    (["model.nam=x"], "model.nam: unknown field"),
+    (["search.target_params_fraction=1.5"], "expected 0 < x < 1"),
+    (["resources.actors=0"], "resources.actors=0: expected >= 1"),
+    (["name=a b"], "name='a b'"),
+    (["search.threshold"], "expected key.sub=value"),
+])
+def test_config_errors_name_the_field(sets, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, sets)

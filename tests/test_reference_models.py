@@ -1,0 +1,69 @@
+"""The shipped reference models: load offline with plain transformers, translate into the right language."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from cullmt_ray.data import load_devset
+
+MODELS = Path(str(resources.files("cullmt_ray") / "reference" / "models"))
+SHIPPED = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").exists()) if MODELS.exists() else []
+
+# Frequent short words per language: enough to tell four languages' captions apart.
+MARKERS = {
+    "eng_Latn": {"a", "the", "is", "in", "on", "with", "and", "of", "man", "woman", "are", "two"},
+    "deu_Latn": {"ein", "eine", "der", "die", "das", "und", "mit", "auf", "im", "in", "einem", "einer", "ist"},
+    "fra_Latn": {"un", "une", "le", "la", "les", "et", "avec", "sur", "dans", "de", "des", "est", "homme"},
+    "ces_Latn": {"na", "v", "s", "se", "a", "muž", "žena", "je", "ve", "dva", "do", "u", "před"},
+}
+
+
+def language_of(texts: list[str]) -> str:
+    words = Counter(w for t in texts for w in re.findall(r"\w+", t.lower()))
+    return max(MARKERS, key=lambda code: sum(words[w] for w in MARKERS[code]))
+
+
+def test_language_check_tells_the_demo_languages_apart():
+    ds = load_devset("builtin:demo")
+    for code, lines in ds.lines.items():
+        assert language_of(list(lines[:20])) == code
+
+
+def test_dense_reference_is_shipped_within_size_limits():
+    assert "dense" in SHIPPED
+    sizes = {m: sum(f.stat().st_size for f in (MODELS / m).glob("*.safetensors")) for m in SHIPPED}
+    assert all(s <= 20 * 2**20 for s in sizes.values()), sizes
+    assert sum(sizes.values()) <= 50 * 2**20, sizes
+    for m in SHIPPED:
+        assert (MODELS / m / "README.md").exists(), f"{m} has no model card"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("tgt", ["deu_Latn", "fra_Latn", "ces_Latn"])
+def test_translates_english_into_the_right_language(name, tgt, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = MODELS / name
+    tok = AutoTokenizer.from_pretrained(path)
+    sources = list(load_devset("builtin:demo").lines["eng_Latn"][:16])
+    if name == "llama":
+        from cullmt_ray.families import ModelSpec, load_family
+
+        fam = load_family(ModelSpec(str(path)))
+        assert isinstance(fam.model, type(AutoModelForCausalLM.from_pretrained(path)))
+        hyps = fam.translate(sources, "eng_Latn", tgt)
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()  # plain transformers
+        tok.src_lang = "eng_Latn"
+        with torch.inference_mode():
+            gen = model.generate(**tok(sources, return_tensors="pt", padding=True), max_new_tokens=64,
+                                 forced_bos_token_id=tok.convert_tokens_to_ids(tgt))
+        hyps = tok.batch_decode(gen, skip_special_tokens=True)
+    assert language_of(hyps) == tgt, hyps[:3]
+    assert len(set(hyps)) > len(hyps) // 2  # not one degenerate output for every input
