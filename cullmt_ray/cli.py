@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--remove", default="", help="comma-separated units to remove, e.g. enc.3,dec.1")
     e.add_argument("--json", dest="json_out", help="also write the scores to this JSON file")
     e.add_argument("--export", metavar="DIR", help="save the pruned model there (loads with transformers)")
-    p = sub.add_parser("pareto", help="(re)export the Pareto front of a run folder",
-                       description="Write pareto.{csv,json,parquet,png} for a run folder from the results store.")
-    p.add_argument("run_dir", help="a run folder made by cullmt-ray search")
+    p = sub.add_parser("pareto", help="(re)export the Pareto front of a run folder or a whole store",
+                       description="Write pareto.{csv,json,parquet,png} for a run folder, or for every "
+                                   "evaluation context of a results store (one folder per context).")
+    p.add_argument("run_dir", help="a run folder made by cullmt-ray search, or a results store (.sqlite)")
     p.add_argument("--store", help="results store; default: the one the run used")
     p.add_argument("--out", help="output folder (default: the run folder)")
     return ap
@@ -115,7 +116,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     removed = Candidate.of(u.strip() for u in args.remove.split(",") if u.strip())
     session = open_session(cfg, run_id=f"evaluate-{os.getpid()}")
     try:
-        session.pool.info[0]  # the pool is up; check the units before spending time
         units = session.pool.info[0]["units"]
         bad = [u for u in removed.units if u not in units]
         if bad:
@@ -160,27 +160,52 @@ def _print_eval(report: dict, metrics: list[str]) -> None:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
+    from .candidate import BASELINE
     from .search import load_run_config, write_pareto
     from .store import ResultStore
 
-    run_dir = Path(args.run_dir)
-    cfg = load_run_config(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())
-    if "context" not in info:
-        raise ValueError(f"{run_dir}: the run has no finished baseline yet (status {info.get('status')}); "
-                         "resume it with cullmt-ray search --resume")
-    store = ResultStore(args.store or cfg.output.store)
-    try:
-        from .candidate import BASELINE
-
-        baseline = store.get(info["context"], BASELINE)
-        trace = json.loads((run_dir / "trace.json").read_text()) if (run_dir / "trace.json").exists() else None
-        files = write_pareto(store, info["context"], baseline, Path(args.out or run_dir), cfg, trace)
-    finally:
-        store.close()
-    for f in files.values():
+    target = Path(args.run_dir)
+    if target.is_file():  # a results store: one front per evaluation context
+        store = ResultStore(target)
+        try:
+            files = export_store_fronts(store, Path(args.out or target.parent / "pareto"))
+        finally:
+            store.close()
+    else:
+        cfg = load_run_config(target)
+        info = json.loads((target / "run.json").read_text())
+        if "context" not in info:
+            raise ValueError(f"{target}: the run has not finished (status {info.get('status')}); "
+                             "resume it with cullmt-ray search --resume")
+        store = ResultStore(args.store or cfg.output.store)
+        try:
+            baseline = store.get(info["context"], BASELINE)
+            trace = json.loads((target / "trace.json").read_text()) if (target / "trace.json").exists() else None
+            files = list(write_pareto(store, info["context"], baseline, Path(args.out or target), cfg, trace).values())
+        finally:
+            store.close()
+    for f in files:
         print(f)
     return 0
+
+
+def export_store_fronts(store, out: Path) -> list[Path]:
+    """For every context in ``store`` with a baseline, its front under ``out/<context>/``."""
+    from .candidate import BASELINE
+    from .pareto import export_front
+
+    files: list[Path] = []
+    for (context,) in store.db.execute("SELECT context FROM contexts").fetchall():
+        baseline = store.get(context, BASELINE)
+        if baseline is None:
+            continue
+        desc = store.context_description(context)
+        title = f"{desc['model']} on {desc['eval']['source']}"
+        files += list(export_front(list(store.evaluations(context)), baseline, out / context, desc["metric"],
+                                   title).values())
+    if not files:
+        raise ValueError(f"{store.path}: no context with a baseline evaluation; nothing to export")
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,22 @@ class EvaluatorActor:
         return os.getpid()
 
 
+def merge_results(parts: list[dict], metric: str) -> dict:
+    """One candidate's result from its per-direction results: means recomputed, costs summed."""
+    metrics: dict[str, dict[str, float]] = {}
+    for part in parts:
+        for m, per in part["metrics"].items():
+            metrics.setdefault(m, {}).update({d: v for d, v in per.items() if d != "mean"})
+    for m, per in metrics.items():
+        ordered = dict(sorted(per.items()))
+        metrics[m] = {**ordered, "mean": round(sum(ordered.values()) / len(ordered), 4)}
+    first = parts[0]
+    return {"score": metrics[metric]["mean"], "metrics": metrics, "params": first["params"],
+            "bytes": first["bytes"], "sentences": sum(p["sentences"] for p in parts),
+            "seconds": sum(p["seconds"] for p in parts),
+            "actor": ",".join(sorted({p["actor"] for p in parts}))}
+
+
 @dataclass(frozen=True)
 class Resources:
     """How many actors and what each reserves. ``None`` means: decide from the cluster."""
@@ -117,25 +133,38 @@ class EvaluatorPool:
             for name in self.names
         ]
         self.info = ray.get([a.ready.remote() for a in self.actors])
+        self.metric = settings.metric
 
     @property
     def size(self) -> int:
         return len(self.actors)
 
     def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]]) -> Iterator[tuple[Candidate, dict]]:
-        """Yield ``(candidate, result)`` in completion order; each actor works on one job at a time."""
-        pending = list(jobs)[::-1]
+        """Yield ``(candidate, result)`` as candidates complete.
+
+        Each candidate is split into one task per direction, so that every actor stays busy even
+        when there are fewer candidates than actors (the baseline, a final held-out check); an
+        actor runs one task at a time. A candidate's result is its tasks' results merged.
+        """
+        pending: list[tuple[Candidate, Direction]] = [(c, d) for c, dirs in jobs for d in dirs][::-1]
+        parts_left: dict[Candidate, int] = {}
+        parts: dict[Candidate, list[dict]] = {}
+        for c, _ in pending:
+            parts_left[c] = parts_left.get(c, 0) + 1
         running: dict[ray.ObjectRef, tuple[int, Candidate]] = {}
         free = list(range(len(self.actors)))
         while pending or running:
             while pending and free:
                 i = free.pop(0)
-                cand, dirs = pending.pop()
-                running[self.actors[i].evaluate.remote(cand.units, dirs)] = (i, cand)
+                cand, direction = pending.pop()
+                running[self.actors[i].evaluate.remote(cand.units, [direction])] = (i, cand)
             done, _ = ray.wait(list(running), num_returns=1)
             i, cand = running.pop(done[0])
             free.append(i)
-            yield cand, ray.get(done[0])
+            parts.setdefault(cand, []).append(ray.get(done[0]))
+            parts_left[cand] -= 1
+            if parts_left[cand] == 0:
+                yield cand, merge_results(parts.pop(cand), self.metric)
 
     def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
         """Translate with the first actor (used for reports and, later, KD data)."""

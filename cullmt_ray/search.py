@@ -24,7 +24,7 @@ from .candidate import BASELINE, Candidate
 from .config import SearchRunConfig, from_dict, validate
 from .data import DevSet, Direction, describe, direction_name, load_devset, parse_directions
 from .evaluator import EvalSettings, EvaluatorPool, Resources
-from .families import Decoding, ModelSpec
+from .families import Decoding, ModelSpec, model_fingerprint
 from .families.base import FamilyError
 from .pareto import export_front
 from .store import Evaluation, ResultStore
@@ -111,7 +111,7 @@ def _devset(cfg: SearchRunConfig) -> DevSet:
 
 def _evalset(cfg: SearchRunConfig, ds: DevSet, dirs: list[Direction], signatures: dict, model_id: str,
              units: list[str]) -> EvalSet:
-    desc = {"model": model_id, "units": units, "dtype": cfg.model.dtype, "eval": describe(ds, dirs),
+    desc = {"model": model_fingerprint(model_id), "units": units, "dtype": cfg.model.dtype, "eval": describe(ds, dirs),
             "metric": cfg.metric.primary, "signatures": signatures,
             "decoding": asdict(Decoding(**asdict(cfg.decoding)))}
     return EvalSet(dirs, desc)
@@ -255,7 +255,8 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, log: Callable[
         session.store.close()
 
 
-def greedy_path(trace: dict, baseline: Evaluation, store: ResultStore, context: str) -> list[tuple[int, float]]:
+def strategy_path(trace: dict, baseline: Evaluation) -> list[tuple[int, float]]:
+    """(params, score) of the baseline and of every accepted step, for the plot."""
     pts = [(baseline.params, baseline.score)]
     for s in trace.get("steps", []):
         if s.get("accepted"):
@@ -278,6 +279,6 @@ def score_heldout(session: Session, trace: dict, baseline: Evaluation) -> dict |
 def write_pareto(store: ResultStore, context: str, baseline: Evaluation, out_dir: Path, cfg: SearchRunConfig,
                  trace: dict | None = None) -> dict[str, Path]:
     evals = list(store.evaluations(context))
-    paths = {trace.get("strategy", "search"): greedy_path(trace, baseline, store, context)} if trace else None
+    paths = {trace.get("strategy", "search"): strategy_path(trace, baseline)} if trace else None
     title = f"{cfg.model.name} on {cfg.data.dev} ({len(evals)} evaluations)"
     return export_front(evals, baseline, out_dir, cfg.metric.primary, title, paths)

@@ -112,3 +112,18 @@ def test_greedy_on_the_trained_model_finds_the_inserted_identities(ray_cluster, 
     assert len(trace["steps"][0]["tried"]) == 14 and trace["steps"][2]["accepted"] is False
     # every real layer of the trained model matters: removing any of them costs spBLEU
     assert max(trace["steps"][2]["tried"].values()) < 100.0
+
+
+def test_pareto_command_from_run_folder_and_from_store(ray_cluster, tiny_llama, demo_sources, tmp_path):
+    from cullmt_ray.cli import main
+
+    dev = write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources)
+    cfg = config(tmp_path, tiny_llama, dev)
+    run = run_search(cfg, log=lambda s: None)
+    expected = pd.read_csv(run / "pareto.csv")
+    assert main(["pareto", str(run), "--out", str(tmp_path / "again")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "pareto.csv"), expected)
+    assert main(["pareto", cfg.output.store, "--out", str(tmp_path / "all")]) == 0
+    (ctx,) = (tmp_path / "all").iterdir()
+    assert pd.read_parquet(ctx / "pareto.parquet")["score"].tolist() == expected["score"].tolist()
+    assert main(["pareto", str(tmp_path / "dev")]) == 2  # not a run folder: one-line error

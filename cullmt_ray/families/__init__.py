@@ -19,7 +19,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 REFERENCE_MODELS = ("dense", "moe", "llama")
 
 __all__ = ["Decoding", "FamilyError", "ModelFamily", "ModelSpec", "Size", "FAMILIES", "load_family",
-           "resolve_model_path", "unit_sort_key"]
+           "model_fingerprint", "resolve_model_path", "unit_sort_key"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,23 @@ def resolve_model_path(name: str) -> str:
                               "a hub name like facebook/nllb-200-distilled-600M, or reference:dense)")
         return str(path)
     return name
+
+
+def model_fingerprint(name: str) -> str:
+    """Identity of the weights behind ``name``: for a local folder, a hash of its config and the
+    size and first MiB of each weight file (so retraining in place never reuses stale scores);
+    for a hub name, the name itself (plus the revision a user pins in it)."""
+    import hashlib
+
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return name
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(2**20))
+    return f"{name}#{h.hexdigest()[:12]}"
 
 
 def _device_and_dtype(spec: ModelSpec) -> tuple[str, torch.dtype]:
