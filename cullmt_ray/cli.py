@@ -214,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ray.exceptions import RayTaskError
+
     from .config import ConfigError
     from .data import DataError
     from .families.base import FamilyError
     from .metrics import MetricError
     from .search import SearchError
-
-    from ray.exceptions import RayTaskError
 
     try:
         return {"search": cmd_search, "evaluate": cmd_evaluate, "pareto": cmd_pareto}[args.command](args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -68,7 +68,6 @@ class Session:
     evaluated: int = 0  # full evaluations computed in this run
     cached: int = 0  # evaluations read from the store instead
     sentences: int = 0  # sentences generated in this run
-    progress: Callable[[int], None] | None = field(default=None, repr=False)
 
     def evaluate(self, candidates: list[Candidate], strategy: str, evalset: EvalSet | None = None) -> list[Evaluation]:
         """Scores in input order: from the store where known, else from the pool (and then stored)."""

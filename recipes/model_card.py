@@ -18,6 +18,22 @@ ARCH_NAMES = {"m2m100": "NLLB dense (M2M100ForConditionalGeneration)",
               "nllb_moe": "NLLB-MoE (NllbMoeForConditionalGeneration)",
               "llama": "Llama (LlamaForCausalLM), prompt-based translation"}
 
+LOAD_SNIPPETS = {
+    "seq2seq": """from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{model_dir}", src_lang="eng_Latn")
+model = AutoModelForSeq2SeqLM.from_pretrained("{model_dir}")
+out = model.generate(**tok(["A dog runs on the beach."], return_tensors="pt"),
+                     forced_bos_token_id=tok.convert_tokens_to_ids("deu_Latn"))
+print(tok.batch_decode(out, skip_special_tokens=True))""",
+    "llama": """from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{model_dir}")
+model = AutoModelForCausalLM.from_pretrained("{model_dir}")
+prompt = "English: A dog runs on the beach.\\nGerman:"
+ids = tok(prompt, return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=40, do_sample=False)
+print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split("\\n")[0])""",
+}
+
 
 def card(model_dir: Path, config_path: Path, scores: dict, target: float | None) -> str:
     train = json.loads((model_dir / "training.json").read_text())
@@ -28,7 +44,9 @@ def card(model_dir: Path, config_path: Path, scores: dict, target: float | None)
     dirs = [d for d in base["metrics"][metrics[0]] if d != "mean"]
     rows = "\n".join(f"| {d} | " + " | ".join(f"{base['metrics'][m][d]:.2f}" for m in metrics) + " |"
                      for d in dirs + ["mean"])
-    val = train["history"][-1] if train.get("history") else {}
+    hist_dirs = [d for d in (train["history"][0] if train.get("history") else {}) if d != "step"]
+    history = "| step | " + " | ".join(hist_dirs) + " |\n| --- |" + " --- |" * len(hist_dirs) + "\n" + "\n".join(
+        f"| {h['step']} | " + " | ".join(f"{h[d]:.2f}" for d in hist_dirs) + " |" for h in train.get("history", []))
     hit = ""
     if target is not None:
         mean_bleu = base["metrics"]["bleu"]["mean"]
@@ -53,7 +71,7 @@ not a production translator.
 - **Data:** Multi30k task 1 train (29,000 captions, 4-way parallel), directions
   {', '.join(cfg['data']['directions'])}; {len(cfg['data']['directions']) * 29000:,} pairs per epoch.
   Checkpoints were picked on Multi30k `val` only; `test_2016_flickr` was never used in training.
-- **Training:** {train['step']} steps ({train['epoch'] + (1 if train['batch_in_epoch'] == 0 else 0)} epoch(s) of
+- **Training:** {train['step']} steps ({cfg['train']['epochs']} epoch(s) of
   ~{cfg['train']['max_tokens']} padded tokens per batch), AdamW, peak lr {cfg['train']['lr']}, cosine decay,
   label smoothing {cfg['train']['label_smoothing']}, bf16 autocast on CPU; {train['seconds'] / 60:.0f} minutes on
   2 CPU cores; best val mean BLEU {train['best']:.2f} (150 sentences per direction, greedy).
@@ -73,23 +91,22 @@ Signatures (sacrebleu {scores['signatures'][metrics[0]].split('version:')[-1]}):
 python recipes/train_tokenizer.py --config recipes/configs/tokenizer.yaml      # once, ~10 s
 python recipes/train_reference.py --config {config_path}                        # resumable
 cullmt-ray evaluate --model reference:{model_dir.name} --dev ../shared/data/multi30k --split test_2016_flickr \\
-    --max-sentences all --json results/reference/{model_dir.name}_test.json
+    --directions english-centric --max-sentences all --json results/reference/{model_dir.name}_test.json
 python recipes/model_card.py --model {model_dir} --config {config_path} \\
     --scores results/reference/{model_dir.name}_test.json
 ```
 
+## Validation history (Multi30k val, BLEU, {cfg['train'].get('eval_sentences', 200)} sentences per direction)
+
+{history}
+
 ## Load it without cullmt-ray
 
 ```python
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{model_dir}", src_lang="eng_Latn")
-model = AutoModelForSeq2SeqLM.from_pretrained("{model_dir}")
-out = model.generate(**tok(["A dog runs on the beach."], return_tensors="pt"),
-                     forced_bos_token_id=tok.convert_tokens_to_ids("deu_Latn"))
-print(tok.batch_decode(out, skip_special_tokens=True))
+{LOAD_SNIPPETS['llama' if train['arch'] == 'llama' else 'seq2seq'].format(model_dir=model_dir)}
 ```
 
-Licence: trained on Multi30k (research use); cullmt-ray code is Apache-2.0. Val history: {json.dumps(val)}
+Licence: trained on Multi30k (research use); cullmt-ray code is Apache-2.0.
 """
 
 

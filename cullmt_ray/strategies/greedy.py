@@ -18,16 +18,15 @@ class GreedyStrategy(BaseStrategy):
     steps: list[dict] = field(default_factory=list)
     finished: bool = False
     stop_reason: str = ""
-    _asked: list[Candidate] = field(default_factory=list)
 
     def ask(self) -> list[Candidate]:
         if self.finished:
             return []
         options = [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed]
-        self._asked = [c for c in options if self.space.allows(c)]
-        if not self._asked:
+        allowed = [c for c in options if self.space.allows(c)]
+        if not allowed:
             self._finish("no removable unit left")
-        return self._asked
+        return allowed
 
     def tell(self, results: list[Evaluation]) -> None:
         # Best score first; ties go to the smaller model, then to the first unit in model order.
