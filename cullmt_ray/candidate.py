@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .families.base import unit_sort_key
 
@@ -16,7 +16,7 @@ class Candidate:
     removed: frozenset[str]
 
     @classmethod
-    def of(cls, units: Iterable[str]) -> "Candidate":
+    def of(cls, units: Iterable[str]) -> Candidate:
         return cls(frozenset(units))
 
     @property
@@ -29,7 +29,7 @@ class Candidate:
         """Canonical id: the same prune set has the same key in every run and strategy."""
         return hashlib.sha256(",".join(self.units).encode()).hexdigest()[:16]
 
-    def with_removed(self, unit: str) -> "Candidate":
+    def with_removed(self, unit: str) -> Candidate:
         return Candidate(self.removed | {unit})
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""The ``cullmt-ray`` command: search, evaluate, pareto. Thin: parse, load config, call."""
+"""The ``cullmt-ray`` command: search, compare, evaluate, pareto. Thin: parse, load config, call."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ EPILOG = """\
 examples:
   cullmt-ray search                                   # greedy search on the embedded default
   cullmt-ray search search_spaces/nllb_600m.yaml --set search.threshold=1.0
+  cullmt-ray search --strategy beam --set search.options.beam.width=4 --target-removed 3
   cullmt-ray search --resume results/runs/demo-dense-20261123-181700
+  cullmt-ray compare --strategies greedy,beam,evolutionary,tpe,nsga2,random --target-removed 3
   cullmt-ray evaluate --remove enc.3,dec.1            # score one prune set against the baseline
   cullmt-ray evaluate --dev ../shared/data/multi30k --split test_2016_flickr --max-sentences all
   cullmt-ray pareto results/runs/demo-dense-20261123-181700
@@ -45,6 +47,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="results store (SQLite file); default results/store.sqlite")
 
 
+STRATEGY_NAMES = ("greedy", "beam", "evolutionary", "tpe", "nsga2", "motpe", "random")
+
+
+def _search_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, help="stop when the score drops more than this many points")
+    p.add_argument("--target-removed", type=int, help="units to remove (the size fixed-size strategies search at)")
+    p.add_argument("--protect", help="comma-separated units never removed, e.g. enc.0,dec.5")
+    p.add_argument("--output", help="folder for run folders (default results/runs)")
+    p.add_argument("--name", help="run name (folder prefix)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cullmt-ray", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search prune sets with the configured strategy (greedy = CULL-MT) and write "
                                    "a run folder: config, trace, held-out scores, pareto.{csv,json,parquet,png}.")
     _common(s)
-    s.add_argument("--strategy", help="search strategy (greedy)")
-    s.add_argument("--threshold", type=float, help="stop when the score drops more than this many points")
-    s.add_argument("--target-removed", type=int, help="stop after removing this many units")
-    s.add_argument("--protect", help="comma-separated units never removed, e.g. enc.0,dec.5")
-    s.add_argument("--output", help="folder for run folders (default results/runs)")
-    s.add_argument("--name", help="run name (folder prefix)")
+    _search_flags(s)
+    s.add_argument("--strategy", help=f"search strategy: {' | '.join(STRATEGY_NAMES)} (default greedy)")
+    s.add_argument("--max-evaluations", type=int, help="budget: distinct candidates the strategy may ask for")
     s.add_argument("--resume", metavar="RUN_DIR", help="resume a killed run: evaluations already stored are reused")
+    c = sub.add_parser("compare", help="run several strategies on one pool and store with the same budget; report",
+                       description="Run strategies with the same budget (greedy's, unless --budget) on one evaluator "
+                                   "pool and store; write compare.{md,json}, fronts.png and progress.png.")
+    _common(c)
+    _search_flags(c)
+    c.add_argument("--strategies", default="greedy,beam,evolutionary,tpe,nsga2,random",
+                   help="comma-separated strategies (default: all but motpe); greedy runs first and sets the budget")
+    c.add_argument("--budget", type=int, help="distinct candidates per strategy (default: what greedy used)")
     e = sub.add_parser("evaluate", help="score the baseline and one prune set, per direction",
                        description="Score the unpruned model and (with --remove) one prune set on the dev set.")
     _common(e)
@@ -82,7 +100,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
               "actors": "resources.actors", "address": "resources.address", "store": "output.store",
               "strategy": "search.strategy", "threshold": "search.threshold",
               "target_removed": "search.target_removed", "protect": "search.protect", "output": "output.dir",
-              "name": "name"}
+              "name": "name", "max_evaluations": "search.max_evaluations"}
     for attr, key in simple.items():
         v = getattr(args, attr, None)
         if v is not None:
@@ -103,6 +121,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_search(cfg, run_dir)
     else:
         run_search(load_config(args.config, _overrides(args)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .config import load_config
+
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    bad = [n for n in names if n not in STRATEGY_NAMES]
+    if bad or not names:
+        raise ValueError(f"--strategies: {bad[0] if bad else args.strategies!r} is not a strategy; expected a "
+                         f"comma-separated list of {', '.join(STRATEGY_NAMES)}")
+    if args.budget is not None and args.budget < 1:
+        raise ValueError(f"--budget={args.budget}: expected a positive number of evaluations")
+    run_compare(load_config(args.config, _overrides(args)), names, args.budget)
     return 0
 
 
@@ -223,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     from .search import SearchError
 
     try:
-        return {"search": cmd_search, "evaluate": cmd_evaluate, "pareto": cmd_pareto}[args.command](args)
+        commands = {"search": cmd_search, "compare": cmd_compare, "evaluate": cmd_evaluate, "pareto": cmd_pareto}
+        return commands[args.command](args)
     except (ConfigError, DataError, FamilyError, MetricError, SearchError, ValueError, KeyError,
             RayTaskError) as e:
         if os.environ.get("CULLMT_DEBUG") == "1":

@@ -63,8 +63,10 @@ class SearchConfig:
     target_removed: int | None = None
     target_params_fraction: float | None = None
     protect: list[str] = field(default_factory=list)  # units never removed
-    max_evaluations: int | None = None
+    max_evaluations: int | None = None  # distinct candidates a strategy may ask for (store hits count too)
     seed: int = 0
+    seed_from_store: bool = True  # start from evaluations already in the store (other strategies, runs)
+    options: dict = field(default_factory=dict)  # per strategy, e.g. {beam: {width: 3}}
 
 
 @dataclass
@@ -114,6 +116,10 @@ def _check(value: Any, typ: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping, e.g. {{width: 3}}")
+        return value
     if dataclasses.is_dataclass(typ):
         return from_dict(typ, value, where)
     if origin is list:
@@ -207,6 +213,12 @@ def validate(cfg: SearchRunConfig) -> None:
         cfg.metric.spm = "reference" if cfg.model.name.startswith("reference:") else "flores200"
     if cfg.metric.primary not in cfg.metric.metrics:
         cfg.metric.metrics = [cfg.metric.primary, *cfg.metric.metrics]
+    from .strategies import STRATEGIES
+
+    if cfg.search.strategy not in STRATEGIES:
+        raise ConfigError(f"search.strategy={cfg.search.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if cfg.search.max_evaluations is not None and cfg.search.max_evaluations < 1:
+        raise ConfigError(f"search.max_evaluations={cfg.search.max_evaluations}: expected >= 1")
     if cfg.search.threshold < 0:
         raise ConfigError(f"search.threshold={cfg.search.threshold}: expected >= 0 (metric points)")
     if cfg.search.target_params_fraction is not None and not 0 < cfg.search.target_params_fraction < 1:

@@ -52,7 +52,7 @@ class DevSet:
                 h.update(b"\x00" + s.encode())
         return h.hexdigest()[:16]
 
-    def subsample(self, n: int | None, seed: int = 0) -> "DevSet":
+    def subsample(self, n: int | None, seed: int = 0) -> DevSet:
         """``n`` aligned lines chosen with a fixed seed (all lines when ``n`` is None or too big)."""
         if n is None or n >= len(self):
             return self
@@ -61,7 +61,7 @@ class DevSet:
         idx = sorted(random.Random(seed).sample(range(len(self)), n))
         return DevSet({c: tuple(v[i] for i in idx) for c, v in self.lines.items()}, self.source)
 
-    def select(self, languages: list[str]) -> "DevSet":
+    def select(self, languages: list[str]) -> DevSet:
         missing = [c for c in languages if c not in self.lines]
         if missing:
             raise DataError(

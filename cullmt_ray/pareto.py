@@ -5,8 +5,8 @@ Every file is written atomically and loads with pandas/pyarrow alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pandas as pd
 

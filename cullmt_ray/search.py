@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import ray
 import yaml
@@ -22,7 +22,14 @@ from tqdm import tqdm
 from .atomic import write_json, write_text
 from .candidate import BASELINE, Candidate
 from .config import SearchRunConfig, from_dict, validate
-from .data import DevSet, Direction, describe, direction_name, load_devset, parse_directions
+from .data import (
+    DevSet,
+    Direction,
+    describe,
+    direction_name,
+    load_devset,
+    parse_directions,
+)
 from .evaluator import EvalSettings, EvaluatorPool, Resources
 from .families import Decoding, ModelSpec, model_fingerprint
 from .families.base import FamilyError
@@ -81,10 +88,6 @@ class Session:
                 self.cached += 1
             else:
                 todo.append(c)
-        if self.cfg.search.max_evaluations is not None and es is self.calibration:
-            left = self.cfg.search.max_evaluations - self.evaluated
-            if len(todo) > left:
-                raise BudgetExhausted(f"budget of {self.cfg.search.max_evaluations} evaluations spent")
         bar = tqdm(total=len(todo), desc=f"{strategy}: evaluating", unit="cand", leave=False,
                    disable=not todo or os.environ.get("CULLMT_NO_PROGRESS") == "1")
         for cand, res in self.pool.evaluate((c, es.directions) for c in todo):
@@ -97,10 +100,6 @@ class Session:
             bar.update(1)
         bar.close()
         return [out[c] for c in candidates]
-
-
-class BudgetExhausted(RuntimeError):
-    pass
 
 
 def _devset(cfg: SearchRunConfig) -> DevSet:
@@ -159,16 +158,29 @@ def open_session(cfg: SearchRunConfig, run_id: str) -> Session:
     return Session(cfg, run_id, pool, store, calib, held)
 
 
-def make_strategy(cfg: SearchRunConfig, units: list[str], baseline: Evaluation) -> BaseStrategy:
-    if cfg.search.strategy not in STRATEGIES:
-        raise SearchError(f"search.strategy={cfg.search.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+def make_strategy(cfg: SearchRunConfig, units: list[str], baseline: Evaluation, name: str | None = None,
+                  max_evaluations: int | None = None, batch: int = 4) -> BaseStrategy:
+    """The configured strategy (or ``name``), over ``units`` minus the protected ones."""
+    name = name or cfg.search.strategy
+    if name not in STRATEGIES:
+        raise SearchError(f"search.strategy={name!r}: expected one of {', '.join(STRATEGIES)}")
     bad = [u for u in cfg.search.protect if u not in units]
     if bad:
         raise SearchError(f"search.protect: {bad[0]!r} is not a unit of this model ({units[0]} .. {units[-1]})")
     space = SearchSpace(units, frozenset(cfg.search.protect), baseline.score, baseline.params)
     stop = StopRule(cfg.search.threshold, cfg.search.target_removed, cfg.search.target_params_fraction,
-                    cfg.search.max_evaluations)
-    return STRATEGIES[cfg.search.strategy](space=space, stop=stop, seed=cfg.search.seed)
+                    max_evaluations if max_evaluations is not None else cfg.search.max_evaluations)
+    cls = STRATEGIES[name]
+    opts = cfg.search.options.get(name) or {}
+    if not isinstance(opts, dict):
+        raise SearchError(f"search.options.{name}={opts!r}: expected a mapping of options, e.g. {{width: 3}}")
+    unknown = [k for k in opts if k not in cls.options()]
+    if unknown:
+        raise SearchError(f"search.options.{name}.{unknown[0]}: not an option of strategy {name!r}; "
+                          f"expected one of {', '.join(cls.options()) or '(none)'}")
+    strategy = cls(space=space, stop=stop, seed=cfg.search.seed, batch=batch, **opts)
+    strategy.check()
+    return strategy
 
 
 def new_run_dir(cfg: SearchRunConfig) -> Path:
@@ -214,17 +226,13 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, log: Callable[
         log(f"[cullmt-ray] baseline {cfg.metric.primary} = {baseline.score:.2f}, "
             f"{baseline.params / 1e6:.2f}M params")
         units = session.pool.info[0]["units"]
-        strategy = make_strategy(cfg, units, baseline)
-        stop_reason = ""
-        try:
-            while batch := strategy.ask():
-                strategy.tell(session.evaluate(batch, strategy.name))
-                write_json(run_dir / "trace.json", strategy.trace())
-        except BudgetExhausted as e:
-            stop_reason = str(e)
+        strategy = make_strategy(cfg, units, baseline, batch=max(2 * session.pool.size, 4))
+        if cfg.search.seed_from_store:
+            strategy.seed_with([e for e in session.store.evaluations(session.calibration.context) if e.candidate])
+        while batch := strategy.ask():
+            strategy.tell(session.evaluate(batch, strategy.name))
+            write_json(run_dir / "trace.json", strategy.trace())
         trace = strategy.trace()
-        if stop_reason:
-            trace["stop_reason"] = stop_reason
         write_json(run_dir / "trace.json", trace)
         heldout = score_heldout(session, trace, baseline)
         if heldout:

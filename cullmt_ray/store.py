@@ -12,9 +12,9 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .candidate import Candidate
 from .data import dumps_canonical

@@ -90,8 +90,9 @@ def test_budget_limit_stops_the_search(ray_cluster, tiny_encdec, demo_sources, t
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
     run = run_search(config(tmp_path, tiny_encdec, dev, search__max_evaluations=8), log=lambda s: None)
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "finished" and "budget" in info["final"]["stop_reason"]
-    assert info["budget"]["evaluations"] <= 8
+    assert info["status"] == "finished" and info["final"]["stop_reason"] == "budget spent"
+    assert json.loads((run / "trace.json").read_text())["evaluations"] == 8  # 6 of step 1, 2 of step 2
+    assert info["budget"]["evaluations"] == 9  # + the baseline
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,18 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 REFERENCE_MODELS = ("dense", "moe", "llama")
 
-__all__ = ["Decoding", "FamilyError", "ModelFamily", "ModelSpec", "Size", "FAMILIES", "load_family",
-           "model_fingerprint", "resolve_model_path", "unit_sort_key"]
+__all__ = [
+    "FAMILIES",
+    "Decoding",
+    "FamilyError",
+    "ModelFamily",
+    "ModelSpec",
+    "Size",
+    "load_family",
+    "model_fingerprint",
+    "resolve_model_path",
+    "unit_sort_key",
+]
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,12 @@ def _device_and_dtype(spec: ModelSpec) -> tuple[str, torch.dtype]:
 
 def load_family(spec: ModelSpec) -> ModelFamily:
     """Load model + tokenizer and wrap them in the family that fits (or the one named)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
 
     path = resolve_model_path(spec.name)
     if spec.family not in ("auto", *FAMILIES):

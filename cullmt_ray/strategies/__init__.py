@@ -1,8 +1,34 @@
 """Search strategies, one module each, behind :class:`BaseStrategy`."""
 
-from .base import BaseStrategy, SearchSpace, StopRule
+from .base import BaseStrategy, SearchSpace, StopRule, StrategyError
+from .beam import BeamStrategy
+from .evolutionary import EvolutionaryStrategy
 from .greedy import GreedyStrategy
+from .optuna_multi import MOTPEStrategy, MultiObjectiveStrategy
+from .optuna_tpe import TPEStrategy
+from .random_search import RandomStrategy
 
-STRATEGIES: dict[str, type[BaseStrategy]] = {"greedy": GreedyStrategy}
+STRATEGIES: dict[str, type[BaseStrategy]] = {
+    "greedy": GreedyStrategy,
+    "beam": BeamStrategy,
+    "random": RandomStrategy,
+    "evolutionary": EvolutionaryStrategy,
+    "tpe": TPEStrategy,
+    "nsga2": MultiObjectiveStrategy,
+    "motpe": MOTPEStrategy,
+}
 
-__all__ = ["BaseStrategy", "GreedyStrategy", "SearchSpace", "StopRule", "STRATEGIES"]
+__all__ = [
+    "STRATEGIES",
+    "BaseStrategy",
+    "BeamStrategy",
+    "EvolutionaryStrategy",
+    "GreedyStrategy",
+    "MOTPEStrategy",
+    "MultiObjectiveStrategy",
+    "RandomStrategy",
+    "SearchSpace",
+    "StopRule",
+    "StrategyError",
+    "TPEStrategy",
+]

@@ -16,19 +16,19 @@ class GreedyStrategy(BaseStrategy):
     name: str = "greedy"
     current: Candidate = BASELINE
     steps: list[dict] = field(default_factory=list)
-    finished: bool = False
-    stop_reason: str = ""
+    finished: bool = field(default=False, init=False)
 
     def ask(self) -> list[Candidate]:
         if self.finished:
             return []
         options = [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed]
-        allowed = [c for c in options if self.space.allows(c)]
+        allowed = self._take(options)
         if not allowed:
-            self._finish("no removable unit left")
+            self._finish("budget spent" if self.budget_left == 0 else "no removable unit left")
         return allowed
 
     def tell(self, results: list[Evaluation]) -> None:
+        self._record(results)
         # Best score first; ties go to the smaller model, then to the first unit in model order.
         best = max(results, key=lambda e: (e.score, -e.params))
         drop = self.space.baseline_score - best.score
@@ -46,10 +46,12 @@ class GreedyStrategy(BaseStrategy):
         self.current = best.candidate
         if self.stop.size_reached(len(self.current), best.params, self.space.baseline_params):
             self._finish("size target reached")
+        elif self.budget_left == 0:
+            self._finish("budget spent")
 
     def _finish(self, reason: str) -> None:
         self.finished, self.stop_reason = True, reason
 
     def trace(self) -> dict:
         return {"strategy": self.name, "final": self.current.units, "stop_reason": self.stop_reason,
-                "steps": self.steps}
+                "evaluations": len(self.asked), "steps": self.steps, "history": self.history}

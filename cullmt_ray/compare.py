@@ -1,0 +1,192 @@
+"""Compare search strategies fairly: one evaluator pool, one store, the same budget.
+
+Greedy (CULL-MT) runs first and sets the reference: its final prune set, its size, and the
+number of distinct candidates it asked for (its budget). Every other strategy then gets that
+budget (or ``compare.budget``), starts cold (no seeding from others' evaluations, so nobody
+inherits greedy's answer), and aims at greedy's final size. The store still serves any
+candidate already computed, so nothing is computed twice; budgets count what each strategy
+asked for, computed or not, in candidates and in sentences (full-evaluation equivalents).
+
+Writes ``compare.json``, ``compare.md``, ``fronts.png`` (every strategy's front overlaid) and
+``progress.png`` (best score at or below greedy's size vs evaluations spent) into a run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from .atomic import atomic_path, write_json, write_text
+from .candidate import BASELINE
+from .config import SearchRunConfig
+from .pareto import hypervolume, non_dominated
+from .search import make_strategy, new_run_dir, open_session
+from .store import Evaluation
+
+
+def _run_strategy(session, cfg: SearchRunConfig, name: str, units: list[str], baseline: Evaluation,
+                  budget: int | None) -> dict:
+    """Run one strategy to its end or its budget; its evaluations in the order it saw them."""
+    strategy = make_strategy(cfg, units, baseline, name=name, max_evaluations=budget,
+                             batch=max(2 * session.pool.size, 4))
+    seen: list[Evaluation] = []
+    computed0, t0 = session.evaluated, time.time()
+    while batch := strategy.ask():
+        results = session.evaluate(batch, name)
+        strategy.tell(results)
+        seen.extend(results)
+    return {"strategy": strategy, "evaluations": seen, "computed": session.evaluated - computed0,
+            "seconds": time.time() - t0}
+
+
+def _first_match(evals: list[Evaluation], params: int, score: float) -> int | None:
+    """1-based index of the first evaluation at least as small and at least as good as (params, score)."""
+    for i, e in enumerate(evals, 1):
+        if e.params <= params and e.score >= score - 1e-9:
+            return i
+    return None
+
+
+def _best_by_size(evals: list[Evaluation]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for e in evals:
+        out[len(e.candidate)] = max(out.get(len(e.candidate), float("-inf")), e.score)
+    return dict(sorted(out.items()))
+
+
+def summarize(name: str, run: dict, baseline: Evaluation, reference: dict | None, budget: int) -> dict:
+    evals: list[Evaluation] = run["evaluations"]
+    trace = run["strategy"].trace()
+    row = {"strategy": name, "evaluations": len(evals), "computed": run["computed"],
+           "sentences": sum(e.sentences for e in evals), "wall_seconds": round(run["seconds"], 2),
+           "stop_reason": trace.get("stop_reason", ""), "final": trace.get("final", []),
+           "best_by_size": {str(k): round(v, 4) for k, v in _best_by_size(evals).items()},
+           "hypervolume": round(hypervolume(evals + [baseline], baseline.params), 4),
+           "hypervolume_at_budget": round(hypervolume(evals[:budget] + [baseline], baseline.params), 4),
+           "front": [{"removed": e.candidate.units, "params": e.params, "score": e.score}
+                     for e in non_dominated(evals + [baseline])]}
+    if reference:
+        hit = _first_match(evals, reference["params"], reference["score"])
+        row["evaluations_to_match_greedy"] = hit
+        row["fraction_of_greedy_budget"] = round(hit / reference["evaluations"], 3) if hit else None
+    return row
+
+
+def _plots(runs: dict[str, dict], baseline: Evaluation, out: Path, metric: str, size: int | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, run in runs.items():
+        front = non_dominated(run["evaluations"] + [baseline])
+        ax.plot([e.params / 1e6 for e in front], [e.score for e in front], "-o", ms=3, drawstyle="steps-post",
+                label=name)
+    ax.scatter([baseline.params / 1e6], [baseline.score], marker="*", s=140, c="tab:red", label="baseline", zorder=5)
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel(metric)
+    ax.set_title("Pareto fronts by strategy", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(out / "fronts.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, run in runs.items():
+        best, xs, ys = float("-inf"), [], []
+        for i, e in enumerate(run["evaluations"], 1):
+            if size is None or len(e.candidate) >= size:
+                best = max(best, e.score)
+            if best > float("-inf"):
+                xs.append(i)
+                ys.append(best)
+        ax.plot(xs, ys, drawstyle="steps-post", label=name)
+    ax.set_xlabel("evaluations spent (distinct candidates)")
+    ax.set_ylabel(f"best {metric}" + (f" with >= {size} units removed" if size else ""))
+    ax.set_title("Best score vs budget", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(out / "progress.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _markdown(report: dict) -> str:
+    ref = report.get("greedy_reference")
+    lines = [f"# Strategy comparison: {report['model']} on {report['dev']}", "",
+             f"Metric: {report['metric']} (`{report['signature']}`), baseline {report['baseline']['score']:.2f} at "
+             f"{report['baseline']['params'] / 1e6:.2f}M parameters. Budget per strategy: {report['budget']} "
+             "distinct candidates (store hits count too; nothing is computed twice).", ""]
+    if ref:
+        lines += [f"Greedy reference: removes {', '.join(ref['removed']) or 'nothing'} ({ref['size']} units, "
+                  f"{ref['params'] / 1e6:.2f}M params) at {ref['score']:.2f}, using {ref['evaluations']} "
+                  "evaluations.", ""]
+    sizes = sorted({int(k) for r in report["strategies"] for k in r["best_by_size"]})
+    head = ["strategy", "evaluations", "computed", "sentences", "wall s", "hypervolume", "HV at budget",
+            "evals to match greedy"] + [f"best @{k}" for k in sizes]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in report["strategies"]:
+        cells = [r["strategy"], r["evaluations"], r["computed"], r["sentences"], r["wall_seconds"], r["hypervolume"],
+                 r["hypervolume_at_budget"], r.get("evaluations_to_match_greedy") or "-"]
+        cells += [r["best_by_size"].get(str(k), "-") for k in sizes]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "![fronts](fronts.png)", "", "![progress](progress.png)", ""]
+    return "\n".join(lines)
+
+
+def run_compare(cfg: SearchRunConfig, strategies: list[str], budget: int | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """Run ``strategies`` (greedy first when listed) on one pool and store; write the report folder."""
+    run_dir = new_run_dir(replace(cfg, name=f"{cfg.name}-compare"))
+    run_dir.mkdir(parents=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    session = open_session(cfg, run_dir.name)
+    try:
+        (baseline,) = session.evaluate([BASELINE], "baseline")
+        units = session.pool.info[0]["units"]
+        log(f"[cullmt-ray] compare {', '.join(strategies)}: baseline {cfg.metric.primary} {baseline.score:.2f}")
+        order = (["greedy"] if "greedy" in strategies else []) + [s for s in strategies if s != "greedy"]
+        runs: dict[str, dict] = {}
+        reference = None
+        size = cfg.search.target_removed
+        for name in order:
+            run_cfg = cfg
+            if name != "greedy" and size is not None:
+                run_cfg = replace(cfg, search=replace(cfg.search, target_removed=size))
+            spend = budget if budget is not None else (reference["evaluations"] if reference else None)
+            runs[name] = _run_strategy(session, run_cfg, name, units, baseline, spend)
+            log(f"[cullmt-ray] {name}: {len(runs[name]['evaluations'])} evaluations "
+                f"({runs[name]['computed']} computed), {runs[name]['strategy'].trace().get('stop_reason', '')}")
+            if name == "greedy":
+                g = runs[name]
+                final = g["strategy"].trace()["final"]
+                fin = next((e for e in g["evaluations"] if e.candidate.units == final), baseline)
+                reference = {"removed": final, "size": len(final), "params": fin.params, "score": fin.score,
+                             "evaluations": len(g["evaluations"])}
+                size = size or len(final) or None
+        spent = budget or (reference["evaluations"] if reference else max(len(r["evaluations"]) for r in runs.values()))
+        report = {"model": cfg.model.name, "dev": cfg.data.dev, "metric": cfg.metric.primary,
+                  "signature": session.calibration.description["signatures"].get(cfg.metric.primary, ""),
+                  "created": datetime.now(timezone.utc).isoformat(),
+                  "baseline": {"params": baseline.params, "score": baseline.score}, "budget": spent,
+                  "target_removed": size, "greedy_reference": reference,
+                  "strategies": [summarize(n, r, baseline, reference if n != "greedy" else None, spent)
+                                 for n, r in runs.items()],
+                  "traces": {n: r["strategy"].trace() for n, r in runs.items()}}
+        write_json(run_dir / "compare.json", report)
+        _plots(runs, baseline, run_dir, cfg.metric.primary, size)
+        write_text(run_dir / "compare.md", _markdown(report))
+        log(f"[cullmt-ray] report: {run_dir / 'compare.md'}")
+        return run_dir
+    finally:
+        session.pool.shutdown()
+        session.store.close()

@@ -1,0 +1,57 @@
+"""Beam search over prune sets: keep the ``width`` best sets of each size, extend each by one
+unit, repeat. Width 1 is greedy (CULL-MT); a wider beam recovers from a greedy step that looked
+best alone but combines badly (depth pruning is not monotone)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..candidate import BASELINE, Candidate
+from ..store import Evaluation
+from .base import BaseStrategy
+
+
+@dataclass
+class BeamStrategy(BaseStrategy):
+    name: str = "beam"
+    width: int = 3
+    beams: list[Candidate] = field(default_factory=lambda: [BASELINE])
+    steps: list[dict] = field(default_factory=list)
+    finished: bool = field(default=False, init=False)
+    final: list[str] = field(default_factory=list)
+
+    def ask(self) -> list[Candidate]:
+        if self.finished:
+            return []
+        options = [b.with_removed(u) for b in self.beams for u in self.space.removable if u not in b.removed]
+        out = self._take(options)
+        if not out:
+            self._finish("budget spent" if self.budget_left == 0 else "no removable unit left")
+        return out
+
+    def tell(self, results: list[Evaluation]) -> None:
+        self._record(results)
+        ranked = sorted(results, key=lambda e: (-e.score, e.params, e.candidate.units))
+        best = ranked[0]
+        drop = self.space.baseline_score - best.score
+        step = {"step": len(self.steps) + 1, "size": len(best.candidate), "tried": len(results),
+                "beam": [{"removed": e.candidate.units, "score": e.score} for e in ranked[: self.width]],
+                "best_score": best.score, "drop": round(drop, 4), "params": best.params,
+                "accepted": drop <= self.stop.threshold}
+        self.steps.append(step)
+        if not step["accepted"]:
+            self._finish(f"the best set of size {len(best.candidate)} drops {drop:.2f} points > "
+                         f"threshold {self.stop.threshold}")
+            return
+        self.beams = [e.candidate for e in ranked[: self.width]]
+        self.final = best.candidate.units
+        if self.stop.size_reached(len(best.candidate), best.params, self.space.baseline_params):
+            self._finish("size target reached")
+        elif self.budget_left == 0:
+            self._finish("budget spent")
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.stop_reason = True, reason
+
+    def trace(self) -> dict:
+        return {**super().trace(), "final": self.final, "width": self.width, "steps": self.steps}
