@@ -52,6 +52,8 @@ def card(model_dir: Path, config_path: Path, scores: dict, target: float | None)
         mean_bleu = base["metrics"]["bleu"]["mean"]
         hit = (f"\n**Target** (mean BLEU >= {target} over the English-centric directions): "
                f"{'met' if mean_bleu >= target else 'MISSED'} with {mean_bleu:.2f}.\n")
+    epochs = (f"{train['step'] / train['steps_per_epoch']:.2f}" if train.get("steps_per_epoch")
+              else cfg["train"]["epochs"])
     sigs = "\n".join(f"- {m}: `{s}`" for m, s in scores["signatures"].items())
     model_cfg = "\n".join(f"  {k}: {v}" for k, v in cfg["model"].items())
     return f"""# cullmt-ray reference model: {model_dir.name}
@@ -71,7 +73,7 @@ not a production translator.
 - **Data:** Multi30k task 1 train (29,000 captions, 4-way parallel), directions
   {', '.join(cfg['data']['directions'])}; {len(cfg['data']['directions']) * 29000:,} pairs per epoch.
   Checkpoints were picked on Multi30k `val` only; `test_2016_flickr` was never used in training.
-- **Training:** {train['step']} steps ({cfg['train']['epochs']} epoch(s) of
+- **Training:** {train['step']} steps ({epochs} epoch(s) of
   ~{cfg['train']['max_tokens']} padded tokens per batch), AdamW, peak lr {cfg['train']['lr']}, cosine decay,
   label smoothing {cfg['train']['label_smoothing']}, bf16 autocast on CPU; {train['seconds'] / 60:.0f} minutes on
   2 CPU cores; best val mean BLEU {train['best']:.2f} (150 sentences per direction, greedy).

@@ -220,6 +220,8 @@ def main() -> None:
     epochs = opt_cfg["epochs"]
     steps_per_epoch = len(make_batches(examples, opt_cfg["max_tokens"], 0))
     total = epochs * steps_per_epoch
+    if opt_cfg.get("max_steps"):  # a shorter schedule (the learning rate still decays to the end)
+        total = min(total, int(opt_cfg["max_steps"]))
     max_steps = args.max_steps if args.max_steps is not None else total
     use_bf16 = opt_cfg.get("bf16", True)
     smoothing = opt_cfg.get("label_smoothing", 0.1)
@@ -265,7 +267,8 @@ def main() -> None:
                 print(f"val BLEU at step {state['step']}: {json.dumps(scores)}", flush=True)
                 if scores["mean"] > state["best"]:
                     state["best"] = scores["mean"]
-                    card = {"arch": cfg["arch"], "parameters": n_params, "config": cfg, **state,
+                    card = {"arch": cfg["arch"], "parameters": n_params, "config": cfg, "steps_per_epoch": steps_per_epoch,
+                            **state,
                             "seconds": state["seconds"] + time.time() - t0}
                     export(model, tok, Path(cfg["output_dir"]), card)
                     print(f"exported best (val mean BLEU {scores['mean']:.2f}) to {cfg['output_dir']}", flush=True)
