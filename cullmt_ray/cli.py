@@ -1,4 +1,4 @@
-"""The ``cullmt-ray`` command: search, compare, evaluate, pareto. Thin: parse, load config, call."""
+"""The ``cullmt-ray`` command: search, compare, calibrate, evaluate, pareto. Thin: parse, load config, call."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ examples:
   cullmt-ray search --strategy beam --set search.options.beam.width=4 --target-removed 3
   cullmt-ray search --resume results/runs/demo-dense-20261123-181700
   cullmt-ray compare --strategies greedy,beam,evolutionary,tpe,nsga2,random --target-removed 3
+  cullmt-ray calibrate --calibration from-english --calibration to-english --target-removed 3
   cullmt-ray evaluate --remove enc.3,dec.1            # score one prune set against the baseline
   cullmt-ray evaluate --dev ../shared/data/multi30k --split test_2016_flickr --max-sentences all
   cullmt-ray pareto results/runs/demo-dense-20261123-181700
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategies", default="greedy,beam,evolutionary,tpe,nsga2,random",
                    help="comma-separated strategies (default: all but motpe); greedy runs first and sets the budget")
     c.add_argument("--budget", type=int, help="distinct candidates per strategy (default: what greedy used)")
+    k = sub.add_parser("calibrate", help="search once per calibration choice; score every result on all directions",
+                       description="Run the strategy once per calibration choice (the directions candidates are "
+                                   "scored on) and score each chosen prune set on all configured directions; write "
+                                   "calibration.{md,json,png}.")
+    _common(k)
+    _search_flags(k)
+    k.add_argument("--strategy", help=f"search strategy: {' | '.join(STRATEGY_NAMES)} (default greedy)")
+    k.add_argument("--calibration", dest="calibrations", action="append", metavar="CHOICE",
+                   help="all | from-english | to-english | into:LANG | from:LANG | src-tgt,... (repeatable; "
+                        "default: all, from-english, to-english)")
     e = sub.add_parser("evaluate", help="score the baseline and one prune set, per direction",
                        description="Score the unpruned model and (with --remove) one prune set on the dev set.")
     _common(e)
@@ -136,6 +147,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.budget is not None and args.budget < 1:
         raise ValueError(f"--budget={args.budget}: expected a positive number of evaluations")
     run_compare(load_config(args.config, _overrides(args)), names, args.budget)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import run_calibration_study
+    from .config import load_config
+
+    cfg = load_config(args.config, _overrides(args))
+    run_calibration_study(cfg, args.calibrations or ["all", "from-english", "to-english"])
     return 0
 
 
@@ -256,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     from .search import SearchError
 
     try:
-        commands = {"search": cmd_search, "compare": cmd_compare, "evaluate": cmd_evaluate, "pareto": cmd_pareto}
+        commands = {"search": cmd_search, "compare": cmd_compare, "calibrate": cmd_calibrate,
+                    "evaluate": cmd_evaluate, "pareto": cmd_pareto}
         return commands[args.command](args)
     except (ConfigError, DataError, FamilyError, MetricError, SearchError, ValueError, KeyError,
             RayTaskError) as e:

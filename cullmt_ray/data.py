@@ -215,6 +215,40 @@ def parse_directions(spec: str | list[str], languages: list[str], pivot: str = "
     return out
 
 
+CALIBRATION_PRESETS = ("all", "from-english", "to-english", "into:LANG", "from:LANG", "src-tgt,...")
+
+
+def select_directions(spec: str, configured: list[Direction], languages: list[str],
+                      pivot: str = "eng_Latn") -> list[Direction]:
+    """A calibration subset of the ``configured`` directions.
+
+    ``all`` (every configured direction), ``from-english``/``to-english`` (out of / into the
+    pivot), ``into:LANG``/``from:LANG`` (into / out of one language), or an explicit list.
+    """
+    spec = spec.strip()
+    if spec == "all":
+        out = list(configured)
+    elif spec in ("from-english", "to-english"):
+        out = [d for d in configured if (d[0] if spec == "from-english" else d[1]) == pivot]
+    elif spec.startswith(("into:", "from:")):
+        kind, _, lang = spec.partition(":")
+        try:
+            code = to_nllb(lang.strip())
+        except ValueError as e:
+            raise DataError(f"calibration {spec!r}: {e}") from None
+        out = [d for d in configured if (d[1] if kind == "into" else d[0]) == code]
+    else:
+        out = parse_directions(spec, languages, pivot)
+        extra = [d for d in out if d not in configured]
+        if extra:
+            raise DataError(f"calibration {spec!r}: {extra[0][0]}-{extra[0][1]} is not among the configured "
+                            "directions")
+    if not out:
+        raise DataError(f"calibration {spec!r}: selects no configured direction; expected one of "
+                        f"{', '.join(CALIBRATION_PRESETS)}")
+    return out
+
+
 def describe(devset: DevSet, directions: list[Direction]) -> dict:
     """The JSON-able identity of an evaluation set, used in store context keys."""
     return {"devset": devset.fingerprint(), "source": devset.source, "sentences": len(devset),

@@ -72,9 +72,17 @@ class Session:
     store: ResultStore
     calibration: EvalSet
     heldout: EvalSet | None
+    devset: DevSet | None = None
     evaluated: int = 0  # full evaluations computed in this run
     cached: int = 0  # evaluations read from the store instead
     sentences: int = 0  # sentences generated in this run
+
+    def evalset(self, directions: list[Direction]) -> EvalSet:
+        """An evaluation context over other directions of the same dev set (registered in the store)."""
+        info = self.pool.info[0]
+        es = _evalset(self.cfg, self.devset, directions, info["signatures"], self.cfg.model.name, info["units"])
+        es.context = self.store.register_context(es.description)
+        return es
 
     def evaluate(self, candidates: list[Candidate], strategy: str, evalset: EvalSet | None = None) -> list[Evaluation]:
         """Scores in input order: from the store where known, else from the pool (and then stored)."""
@@ -155,7 +163,7 @@ def open_session(cfg: SearchRunConfig, run_id: str) -> Session:
     if held_dirs:
         held = _evalset(cfg, ds, held_dirs, info["signatures"], cfg.model.name, info["units"])
         held.context = store.register_context(held.description)
-    return Session(cfg, run_id, pool, store, calib, held)
+    return Session(cfg, run_id, pool, store, calib, held, ds)
 
 
 def make_strategy(cfg: SearchRunConfig, units: list[str], baseline: Evaluation, name: str | None = None,

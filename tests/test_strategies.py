@@ -173,3 +173,39 @@ def test_compare_on_the_reference_model_with_a_small_budget(ray_cluster, tmp_pat
     assert all(set(r["best_by_size"]) == {"1"} for r in report["strategies"])
     assert "tok:spm[multi30k_spm.model" in report["signature"]
     assert (out / "fronts.png").stat().st_size > 0 and (out / "progress.png").stat().st_size > 0
+
+
+def test_calibration_study_scores_every_choice_on_all_directions(ray_cluster, tmp_path):
+    from cullmt_ray.calibration import run_calibration_study
+
+    cfg = load_config(None, ["data.languages=[eng_Latn, deu_Latn, fra_Latn]", "data.max_sentences=6",
+                             "search.target_removed=1", "search.threshold=100", f"output.dir={tmp_path / 'runs'}",
+                             f"output.store={tmp_path / 'store.sqlite'}", "resources.actors=2", "name=cal",
+                             "search.protect=[enc.0, enc.1, enc.2, enc.3, enc.4, dec.0, dec.1, dec.2, dec.3]"])
+    out = run_calibration_study(cfg, ["all", "from-english", "into:fra_Latn"], log=lambda s: None)
+    report = json.loads((out / "calibration.json").read_text())
+    rows = {r["calibration"]: r for r in report["calibrations"]}
+    assert rows["from-english"]["directions"] == ["eng_Latn-deu_Latn", "eng_Latn-fra_Latn"]
+    assert rows["from-english"]["heldout_directions"] == ["deu_Latn-eng_Latn", "fra_Latn-eng_Latn"]
+    assert rows["into:fra_Latn"]["directions"] == ["eng_Latn-fra_Latn"] and rows["all"]["heldout_score"] is None
+    for r in rows.values():
+        assert len(r["removed"]) == 1 and r["evaluations"] == 3  # enc.5, dec.4, dec.5 are the only choices
+        assert set(r["per_direction"]) == {"eng_Latn-deu_Latn", "deu_Latn-eng_Latn", "eng_Latn-fra_Latn",
+                                           "fra_Latn-eng_Latn"}
+        pruned = sum(v["pruned"] for v in r["per_direction"].values()) / 4
+        assert abs(pruned - r["all_score"]) < 1e-3
+    assert (out / "calibration.png").stat().st_size > 0 and "| from-english | 2 |" in (out / "calibration.md").read_text()
+
+
+def test_calibration_choices_select_configured_directions():
+    from cullmt_ray.data import DataError, parse_directions, select_directions
+
+    langs = ["eng_Latn", "deu_Latn", "ces_Latn"]
+    conf = parse_directions("english-centric", langs)
+    assert select_directions("to-english", conf, langs) == [("deu_Latn", "eng_Latn"), ("ces_Latn", "eng_Latn")]
+    assert select_directions("from:cs", conf, langs) == [("ces_Latn", "eng_Latn")]
+    assert select_directions("en-de", conf, langs) == [("eng_Latn", "deu_Latn")]
+    with pytest.raises(DataError, match="deu_Latn-ces_Latn is not among the configured directions"):
+        select_directions("de-cs", conf, langs)
+    with pytest.raises(DataError, match="'into:fra_Latn': selects no configured direction"):
+        select_directions("into:fra_Latn", conf, langs)
