@@ -67,6 +67,7 @@ class SearchConfig:
     seed: int = 0
     seed_from_store: bool = True  # start from evaluations already in the store (other strategies, runs)
     options: dict = field(default_factory=dict)  # per strategy, e.g. {beam: {width: 3}}
+    driver: str = "local"  # local (the driver loop) | tune (each candidate a Ray Tune trial)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ResourcesConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
     reserve_cpus: float = 0.1
+    trial_cpus: float = 0.05  # CPUs per Tune trial (trials only message the actors)
     num_cpus: int | None = None  # CPUs for a local cluster started by cullmt-ray
 
 
@@ -217,6 +219,11 @@ def validate(cfg: SearchRunConfig) -> None:
 
     if cfg.search.strategy not in STRATEGIES:
         raise ConfigError(f"search.strategy={cfg.search.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if cfg.search.driver not in ("local", "tune"):
+        raise ConfigError(f"search.driver={cfg.search.driver!r}: expected local or tune")
+    if not 0 < cfg.resources.trial_cpus <= cfg.resources.reserve_cpus:
+        raise ConfigError(f"resources.trial_cpus={cfg.resources.trial_cpus}: expected > 0 and <= "
+                          f"resources.reserve_cpus ({cfg.resources.reserve_cpus}), the CPUs the actors leave free")
     if cfg.search.max_evaluations is not None and cfg.search.max_evaluations < 1:
         raise ConfigError(f"search.max_evaluations={cfg.search.max_evaluations}: expected >= 1")
     if cfg.search.threshold < 0:

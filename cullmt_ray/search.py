@@ -237,9 +237,17 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, log: Callable[
         strategy = make_strategy(cfg, units, baseline, batch=max(2 * session.pool.size, 4))
         if cfg.search.seed_from_store:
             strategy.seed_with([e for e in session.store.evaluations(session.calibration.context) if e.candidate])
-        while batch := strategy.ask():
-            strategy.tell(session.evaluate(batch, strategy.name))
-            write_json(run_dir / "trace.json", strategy.trace())
+        if cfg.search.driver == "tune":
+            from .tune_driver import run_with_tune
+
+            searcher = run_with_tune(strategy, session, cfg.resources.trial_cpus, run_dir / "tune")
+            session.evaluated += searcher.computed
+            session.cached += searcher.cached
+            session.sentences += sum(e.sentences for e in searcher.results.values() if not e.cached)
+        else:
+            while batch := strategy.ask():
+                strategy.tell(session.evaluate(batch, strategy.name))
+                write_json(run_dir / "trace.json", strategy.trace())
         trace = strategy.trace()
         write_json(run_dir / "trace.json", trace)
         heldout = score_heldout(session, trace, baseline)

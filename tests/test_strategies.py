@@ -209,3 +209,22 @@ def test_calibration_choices_select_configured_directions():
         select_directions("de-cs", conf, langs)
     with pytest.raises(DataError, match="'into:fra_Latn': selects no configured direction"):
         select_directions("into:fra_Latn", conf, langs)
+
+
+@pytest.mark.parametrize("name", ["greedy", "tpe"])
+def test_strategies_run_as_ray_tune_searchers(ray_cluster, tiny_encdec, demo_sources, tmp_path, name):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    extra = {"search__driver": "tune", "search__strategy": name, "search__target_removed": 2,
+             "search__max_evaluations": 12}
+    run = run_search(config(tmp_path, tiny_encdec, dev, **extra), log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    assert sorted(trace["final"]) == ["dec.2", "enc.1"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["budget"]["evaluations"] == trace["evaluations"] + 1
+    trials = list((run / "tune").rglob("result.json"))
+    assert len(trials) == trace["evaluations"]  # one Tune trial per new candidate, each with its result
+    store = ResultStore(tmp_path / "store.sqlite")
+    try:
+        assert store.count(info["context"]) == trace["evaluations"] + 1
+    finally:
+        store.close()
