@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cullmt_ray.atomic import write_json  # noqa: E402
+from cullmt_ray.atomic import write_json
 
 RESULTS = REPO / "results" / "bench"
 

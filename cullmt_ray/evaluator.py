@@ -65,6 +65,19 @@ class EvaluatorActor:
                 "bytes": size.bytes, "sentences": len(self.devset) * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
+    def proxies(self, units: list[str], directions: list[Direction], batch_size: int = 16) -> dict:
+        """Teacher-forced importance proxies (KL to the full model, angular distance) per unit."""
+        from .proxies import proxy_scores
+
+        t0 = time.perf_counter()
+        batches = []
+        for src, tgt in directions:
+            s, t = list(self.devset.lines[src]), list(self.devset.lines[tgt])
+            for i in range(0, len(s), batch_size):
+                batches.append(self.family.teacher_forced(s[i : i + batch_size], t[i : i + batch_size], src, tgt))
+        out = proxy_scores(self.family, batches, units)
+        return {**out, "seconds": time.perf_counter() - t0, "sentences": len(self.devset) * len(directions)}
+
     def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
         with self.family.apply(removed):
             return self.family.translate(sources, src, tgt, self.settings.decoding)
@@ -165,6 +178,14 @@ class EvaluatorPool:
             parts_left[cand] -= 1
             if parts_left[cand] == 0:
                 yield cand, merge_results(parts.pop(cand), self.metric)
+
+    def proxies(self, units: list[str], directions: list[Direction]) -> dict:
+        """Importance proxies for ``units`` (see :mod:`cullmt_ray.proxies`), units spread over the actors."""
+        shares = [units[i :: self.size] for i in range(self.size)]
+        parts = ray.get([a.proxies.remote(share, directions) for a, share in zip(self.actors, shares) if share])
+        return {"kl": {u: p["kl"][u] for p in parts for u in p["kl"]},
+                "angle": {u: p["angle"][u] for p in parts for u in p["angle"]},
+                "seconds": sum(p["seconds"] for p in parts), "sentences": parts[0]["sentences"]}
 
     def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
         """Translate with the first actor (used for reports and, later, KD data)."""

@@ -109,3 +109,19 @@ def test_dtype_choice(tiny_encdec):
     fam = load_family(ModelSpec(str(tiny_encdec), dtype="bfloat16"))
     assert next(fam.model.parameters()).dtype == torch.bfloat16
     assert fam.size().bytes == 2 * fam.size().params
+
+
+def test_proxies_are_zero_exactly_for_identity_layers(tiny_encdec, tiny_llama, demo_sources):
+    from cullmt_ray.proxies import proxy_scores, spearman
+
+    for path, identities in ((tiny_encdec, {"enc.1", "dec.2"}), (tiny_llama, {"layer.2"})):
+        fam = load_family(ModelSpec(str(path)))
+        batch = fam.teacher_forced(demo_sources[:6], demo_sources[6:12], "eng_Latn", "deu_Latn")
+        assert batch[1].any() and batch[1].shape == batch[0]["input_ids"].shape[:1] + batch[1].shape[1:]
+        scores = proxy_scores(fam, [batch], fam.units())
+        for u in fam.units():
+            if u in identities:
+                assert scores["kl"][u] < 1e-12 and scores["angle"][u] < 1e-3, (u, scores)
+            else:
+                assert scores["kl"][u] > 1e-12 and scores["angle"][u] > 1e-3, (u, scores)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0 and spearman([1, 2, 3], [3, 2, 1]) == -1.0

@@ -6,6 +6,7 @@ one), else a plain template. The output is the first line of the continuation.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..languages import name as lang_name
@@ -61,6 +62,25 @@ class DecoderOnlyFamily(ModelFamily):
                                   pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok))
         texts = tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
+
+
+    def teacher_forced(self, sources: list[str], targets: list[str], src: str, tgt: str) -> tuple[dict, torch.Tensor]:
+        """Prompt + reference as one sequence; the mask marks positions that predict reference tokens."""
+        tok = self.tokenizer
+        rows, masks = [], []
+        for s, t in zip(sources, targets):
+            head = tok(self.prompt(s, src, tgt), add_special_tokens=False)["input_ids"]
+            if tok.bos_token_id is not None and not self.use_chat_template:
+                head = [tok.bos_token_id] + head
+            tail = tok(" " + t, add_special_tokens=False)["input_ids"][:256]
+            rows.append(head + tail)
+            masks.append([False] * (len(head) - 1) + [True] * len(tail) + [False])
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([m + [False] * (width - len(m)) for m in masks])
+        return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}, mask.to(self.device)
 
 
 def _stop_ids(tok) -> list[int]:

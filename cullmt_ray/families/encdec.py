@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..languages import SHORT_TO_NLLB
@@ -48,6 +49,24 @@ class EncoderDecoderFamily(ModelFamily):
         gen = self.model.generate(**enc, forced_bos_token_id=tgt_id, num_beams=decoding.num_beams,
                                   max_new_tokens=budget, do_sample=False)
         return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+
+    def teacher_forced(self, sources: list[str], targets: list[str], src: str, tgt: str) -> tuple[dict, torch.Tensor]:
+        """Model inputs that score ``targets`` given ``sources``, and the mask of target positions."""
+        tok = self.tokenizer
+        tok.src_lang, _ = self.lang_token(src)
+        tok.tgt_lang, _ = self.lang_token(tgt)
+        enc = tok(sources, text_target=targets, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        labels = enc.pop("labels")
+        start = self.model.config.decoder_start_token_id
+        enc["decoder_input_ids"] = _shift_right(labels, tok.pad_token_id, start)
+        return {k: v.to(self.device) for k, v in enc.items()}, (labels != tok.pad_token_id).to(self.device)
+
+
+def _shift_right(labels: torch.Tensor, pad_id: int, start_id: int) -> torch.Tensor:
+    out = labels.new_full(labels.shape, pad_id)
+    out[:, 1:] = labels[:, :-1]
+    out[:, 0] = start_id
+    return out
 
 
 def _is_moe(model: nn.Module) -> bool:
