@@ -35,13 +35,13 @@ def _run_strategy(session, cfg: SearchRunConfig, name: str, units: list[str], ba
     strategy = make_strategy(cfg, units, baseline, name=name, max_evaluations=budget,
                              batch=max(2 * session.pool.size, 4))
     seen: list[Evaluation] = []
-    computed0, t0 = session.evaluated, time.time()
+    computed0, requested0, t0 = session.evaluated, session.requested, time.time()
     while batch := strategy.ask():
-        results = session.evaluate(batch, name)
+        results = session.evaluate_staged(batch, name)
         strategy.tell(results)
         seen.extend(results)
     return {"strategy": strategy, "evaluations": seen, "computed": session.evaluated - computed0,
-            "seconds": time.time() - t0}
+            "sentences": session.requested - requested0, "seconds": time.time() - t0}
 
 
 def _first_match(evals: list[Evaluation], params: int, score: float) -> int | None:
@@ -63,7 +63,9 @@ def summarize(name: str, run: dict, baseline: Evaluation, reference: dict | None
     evals: list[Evaluation] = run["evaluations"]
     trace = run["strategy"].trace()
     row = {"strategy": name, "evaluations": len(evals), "computed": run["computed"],
-           "sentences": sum(e.sentences for e in evals), "wall_seconds": round(run["seconds"], 2),
+           "sentences": run["sentences"],
+           "full_evaluation_equivalents": round(run["sentences"] / max(baseline.sentences, 1), 2),
+           "wall_seconds": round(run["seconds"], 2),
            "stop_reason": trace.get("stop_reason", ""), "final": trace.get("final", []),
            "best_by_size": {str(k): round(v, 4) for k, v in _best_by_size(evals).items()},
            "hypervolume": round(hypervolume(evals + [baseline], baseline.params), 4),
@@ -131,11 +133,11 @@ def _markdown(report: dict) -> str:
                   f"{ref['params'] / 1e6:.2f}M params) at {ref['score']:.2f}, using {ref['evaluations']} "
                   "evaluations.", ""]
     sizes = sorted({int(k) for r in report["strategies"] for k in r["best_by_size"]})
-    head = ["strategy", "evaluations", "computed", "sentences", "wall s", "hypervolume", "HV at budget",
+    head = ["strategy", "evaluations", "computed", "full-eval equivalents", "wall s", "hypervolume", "HV at budget",
             "evals to match greedy"] + [f"best @{k}" for k in sizes]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in report["strategies"]:
-        cells = [r["strategy"], r["evaluations"], r["computed"], r["sentences"], r["wall_seconds"], r["hypervolume"],
+        cells = [r["strategy"], r["evaluations"], r["computed"], r["full_evaluation_equivalents"], r["wall_seconds"], r["hypervolume"],
                  r["hypervolume_at_budget"], r.get("evaluations_to_match_greedy") or "-"]
         cells += [r["best_by_size"].get(str(k), "-") for k in sizes]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

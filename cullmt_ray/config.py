@@ -50,6 +50,15 @@ class MetricConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """Two-stage scoring: every candidate on the first ``sentences`` sentences per direction, then
+    the best ``keep`` fraction of each batch on the whole dev set (successive halving)."""
+
+    sentences: int | None = None  # None: off (every candidate gets a full evaluation)
+    keep: float = 0.5
+
+
+@dataclass
 class DecodingConfig:
     num_beams: int = 1
     max_new_tokens: int = 128
@@ -67,6 +76,7 @@ class SearchConfig:
     seed: int = 0
     seed_from_store: bool = True  # start from evaluations already in the store (other strategies, runs)
     options: dict = field(default_factory=dict)  # per strategy, e.g. {beam: {width: 3}}
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     driver: str = "local"  # local (the driver loop) | tune (each candidate a Ray Tune trial)
 
 
@@ -219,6 +229,13 @@ def validate(cfg: SearchRunConfig) -> None:
 
     if cfg.search.strategy not in STRATEGIES:
         raise ConfigError(f"search.strategy={cfg.search.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    fid = cfg.search.fidelity
+    if fid.sentences is not None and fid.sentences < 1:
+        raise ConfigError(f"search.fidelity.sentences={fid.sentences}: expected >= 1 sentences (or null for off)")
+    if not 0 < fid.keep <= 1:
+        raise ConfigError(f"search.fidelity.keep={fid.keep}: expected a fraction in (0, 1]")
+    if fid.sentences is not None and cfg.search.driver == "tune":
+        raise ConfigError("search.fidelity.sentences: two-stage scoring runs with search.driver=local only")
     if cfg.search.driver not in ("local", "tune"):
         raise ConfigError(f"search.driver={cfg.search.driver!r}: expected local or tune")
     if not 0 < cfg.resources.trial_cpus <= cfg.resources.reserve_cpus:

@@ -49,20 +49,22 @@ class EvaluatorActor:
                 "units": self.family.units(), "size": asdict(self.family.size()),
                 "family": self.family.name, "signatures": self.scorer.signatures()}
 
-    def evaluate(self, removed: list[str], directions: list[Direction]) -> dict:
+    def evaluate(self, removed: list[str], directions: list[Direction], limit: int | None = None) -> dict:
+        """Score a prune set on ``directions``, on the first ``limit`` sentences (all when None)."""
         t0 = time.perf_counter()
         per_direction: dict[str, dict[str, float]] = {}
+        n = len(self.devset) if limit is None else min(limit, len(self.devset))
         with self.family.apply(removed):
             for src, tgt in directions:
-                hyps = self.family.translate(list(self.devset.lines[src]), src, tgt, self.settings.decoding)
-                per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt]))
+                hyps = self.family.translate(list(self.devset.lines[src][:n]), src, tgt, self.settings.decoding)
+                per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt][:n]))
         metrics = {}
         for m in self.settings.metrics:
             scores = {d: s[m] for d, s in per_direction.items()}
             metrics[m] = {**scores, "mean": round(sum(scores.values()) / len(scores), 4)}
         size = self.family.size(removed)
         return {"score": metrics[self.settings.metric]["mean"], "metrics": metrics, "params": size.params,
-                "bytes": size.bytes, "sentences": len(self.devset) * len(directions),
+                "bytes": size.bytes, "sentences": n * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
     def proxies(self, units: list[str], directions: list[Direction], batch_size: int = 16) -> dict:
@@ -152,7 +154,8 @@ class EvaluatorPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]]) -> Iterator[tuple[Candidate, dict]]:
+    def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]],
+                 limit: int | None = None) -> Iterator[tuple[Candidate, dict]]:
         """Yield ``(candidate, result)`` as candidates complete.
 
         Each candidate is split into one task per direction, so that every actor stays busy even
@@ -170,7 +173,7 @@ class EvaluatorPool:
             while pending and free:
                 i = free.pop(0)
                 cand, direction = pending.pop()
-                running[self.actors[i].evaluate.remote(cand.units, [direction])] = (i, cand)
+                running[self.actors[i].evaluate.remote(cand.units, [direction], limit)] = (i, cand)
             done, _ = ray.wait(list(running), num_returns=1)
             i, cand = running.pop(done[0])
             free.append(i)

@@ -8,6 +8,7 @@ strategy, reading every evaluation it already has from the store instead of reco
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ class EvalSet:
     directions: list[Direction]
     description: dict
     context: str = ""
+    limit: int | None = None  # only the first ``limit`` sentences per direction (a low-fidelity stage)
 
 
 @dataclass
@@ -76,13 +78,32 @@ class Session:
     evaluated: int = 0  # full evaluations computed in this run
     cached: int = 0  # evaluations read from the store instead
     sentences: int = 0  # sentences generated in this run
+    requested: int = 0  # sentences of every evaluation asked for, computed or read (full-evaluation equivalents)
+    _low: EvalSet | None = None  # the low-fidelity context, made on first use
 
-    def evalset(self, directions: list[Direction]) -> EvalSet:
-        """An evaluation context over other directions of the same dev set (registered in the store)."""
+    def evalset(self, directions: list[Direction], limit: int | None = None) -> EvalSet:
+        """An evaluation context over other directions (or fewer sentences) of the same dev set."""
         info = self.pool.info[0]
         es = _evalset(self.cfg, self.devset, directions, info["signatures"], self.cfg.model.name, info["units"])
+        if limit is not None and limit < len(self.devset):
+            es.limit = limit
+            es.description = {**es.description, "first_sentences": limit}
         es.context = self.store.register_context(es.description)
         return es
+
+    def evaluate_staged(self, candidates: list[Candidate], strategy: str) -> list[Evaluation]:
+        """With ``search.fidelity`` on: all candidates on a sentence subset, the best ``keep`` fraction
+        in full; the others keep their subset score. Off: plain :meth:`evaluate`."""
+        fid = self.cfg.search.fidelity
+        if fid.sentences is None or len(candidates) < 2:
+            return self.evaluate(candidates, strategy)
+        if self._low is None:
+            self._low = self.evalset(self.calibration.directions, fid.sentences)
+        low = self.evaluate(candidates, f"{strategy}:low", self._low)
+        keep = max(1, math.ceil(fid.keep * len(candidates)))
+        top = [e.candidate for e in sorted(low, key=lambda e: (-e.score, e.params))[:keep]]
+        full = dict(zip(top, self.evaluate(top, strategy)))
+        return [full.get(e.candidate, e) for e in low]
 
     def evaluate(self, candidates: list[Candidate], strategy: str, evalset: EvalSet | None = None) -> list[Evaluation]:
         """Scores in input order: from the store where known, else from the pool (and then stored)."""
@@ -98,7 +119,7 @@ class Session:
                 todo.append(c)
         bar = tqdm(total=len(todo), desc=f"{strategy}: evaluating", unit="cand", leave=False,
                    disable=not todo or os.environ.get("CULLMT_NO_PROGRESS") == "1")
-        for cand, res in self.pool.evaluate((c, es.directions) for c in todo):
+        for cand, res in self.pool.evaluate(((c, es.directions) for c in todo), es.limit):
             ev = Evaluation(cand, res["score"], res["params"], res["bytes"], res["metrics"], res["sentences"],
                             res["seconds"], strategy, self.run_id, res["actor"])
             self.store.put(es.context, ev)
@@ -107,6 +128,7 @@ class Session:
             self.sentences += res["sentences"]
             bar.update(1)
         bar.close()
+        self.requested += sum(out[c].sentences for c in dict.fromkeys(candidates))
         return [out[c] for c in candidates]
 
 
@@ -246,7 +268,7 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, log: Callable[
             session.sentences += sum(e.sentences for e in searcher.results.values() if not e.cached)
         else:
             while batch := strategy.ask():
-                strategy.tell(session.evaluate(batch, strategy.name))
+                strategy.tell(session.evaluate_staged(batch, strategy.name))
                 write_json(run_dir / "trace.json", strategy.trace())
         trace = strategy.trace()
         write_json(run_dir / "trace.json", trace)

@@ -228,3 +228,22 @@ def test_strategies_run_as_ray_tune_searchers(ray_cluster, tiny_encdec, demo_sou
         assert store.count(info["context"]) == trace["evaluations"] + 1
     finally:
         store.close()
+
+
+def test_two_stage_scoring_finds_the_same_answer_for_fewer_sentences(ray_cluster, tiny_encdec, demo_sources,
+                                                                        tmp_path):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    run = run_search(config(tmp_path, tiny_encdec, dev, search__fidelity__sentences=4, search__fidelity__keep=0.5),
+                     log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    info = json.loads((run / "run.json").read_text())
+    assert sorted(trace["final"]) == ["dec.2", "enc.1"]
+    n = len(demo_sources)
+    # baseline + per step: every option on 4 sentences, the best half on all n (plain greedy: 16 * n)
+    assert info["budget"]["sentences"] == n + (6 + 5 + 4) * 4 + (3 + 3 + 2) * n < 16 * n
+    store = ResultStore(tmp_path / "store.sqlite")
+    try:
+        contexts = store.db.execute("SELECT description FROM contexts").fetchall()
+    finally:
+        store.close()
+    assert sorted(json.loads(d).get("first_sentences", 0) for (d,) in contexts) == [0, 4]
