@@ -28,8 +28,8 @@ import yaml
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cullmt_ray.data import read_lines  # noqa: E402
-from cullmt_ray.languages import name as lang_name  # noqa: E402
+from cullmt_ray.data import read_lines
+from cullmt_ray.languages import name as lang_name
 
 
 # ----------------------------------------------------------------------------- model
@@ -47,6 +47,10 @@ def build_model(cfg: dict, tok) -> torch.nn.Module:
         return M2M100ForConditionalGeneration(conf)
     if arch == "nllb_moe":
         from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+        from cullmt_ray.families import nllb_moe_fix
+
+        nllb_moe_fix.install()  # transformers' stock dispatch never runs experts 2+ (see that module)
 
         conf = NllbMoeConfig(decoder_start_token_id=tok.eos_token_id, encoder_layerdrop=0.0,
                              decoder_layerdrop=0.0, max_position_embeddings=256,

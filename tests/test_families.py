@@ -125,3 +125,64 @@ def test_proxies_are_zero_exactly_for_identity_layers(tiny_encdec, tiny_llama, d
             else:
                 assert scores["kl"][u] > 1e-12 and scores["angle"][u] > 1e-3, (u, scores)
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0 and spearman([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+def _tiny_moe():
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = NllbMoeConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, num_experts=4,
+                        expert_capacity=64, encoder_sparse_step=2, decoder_sparse_step=2, encoder_layerdrop=0.0,
+                        decoder_layerdrop=0.0)
+    return NllbMoeForConditionalGeneration(cfg)
+
+
+def _expert_calls(model, x):
+    import collections
+
+    calls, wanted = collections.Counter(), collections.Counter()
+    hooks = []
+    for name, mod in model.named_modules():
+        if name.endswith("ffn.experts"):
+            for key, expert in mod.items():
+                hooks.append(expert.register_forward_hook(
+                    lambda m, a, o, k=f"{name}.{key}": calls.update({k: a[0].shape[0]})))
+        if name.endswith("ffn.router"):
+            def count(m, a, o, n=name.replace("router", "experts")):
+                probs = o[1]  # combine weights: non-zero for each token's top-1 and top-2 experts
+                wanted.update({f"{n}.expert_{i}": int((probs[:, i] > 0).sum()) for i in range(probs.shape[1])})
+            hooks.append(mod.register_forward_hook(count))
+    model(input_ids=x, decoder_input_ids=x)
+    for h in hooks:
+        h.remove()
+    return calls, +wanted
+
+
+def test_stock_nllb_moe_dispatch_is_broken_and_the_fix_runs_the_routed_experts():
+    from transformers.models.nllb_moe import modeling_nllb_moe as m
+
+    from cullmt_ray.families import nllb_moe_fix
+
+    model = _tiny_moe().eval()
+    x = torch.randint(3, 100, (4, 10))
+    stock = getattr(m.NllbMoeExperts, "_stock_forward", m.NllbMoeExperts.forward)
+    saved = m.NllbMoeExperts.forward
+    try:
+        m.NllbMoeExperts.forward = stock
+        with torch.no_grad():
+            calls, wanted = _expert_calls(model, x)
+        # transformers 5.23: only expert_0/expert_1 modules ever run, whatever the router chose.
+        # If this starts failing, upstream fixed NllbMoeExperts.forward and the patch can go.
+        assert {k.rsplit(".", 1)[1] for k in calls} == {"expert_0", "expert_1"}
+        assert any(k.endswith(("expert_2", "expert_3")) for k in wanted)
+    finally:
+        m.NllbMoeExperts.forward = saved
+    nllb_moe_fix.install()
+    with torch.no_grad():
+        calls, wanted = _expert_calls(model, x)
+    assert calls == wanted and len(calls) > 4  # every expert runs on exactly the tokens routed to it
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n for n, p in model.named_parameters() if "experts" in n and p.grad is not None and p.grad.abs().sum() > 0}
+    assert {n.split(".experts.")[1].split(".")[0] for n in grads} == {"expert_0", "expert_1", "expert_2", "expert_3"}
