@@ -18,6 +18,10 @@ ARCH_NAMES = {"m2m100": "NLLB dense (M2M100ForConditionalGeneration)",
               "nllb_moe": "NLLB-MoE (NllbMoeForConditionalGeneration)",
               "llama": "Llama (LlamaForCausalLM), prompt-based translation"}
 
+TOKEN_USE = {False: "the target language token is forced as the first generated token",
+             True: "this decoder-only model uses no language tokens: it translates from the prompt "
+                   "'{Source}: {text}\\n{Target}:' and stops at the end of the line"}
+
 LOAD_SNIPPETS = {
     "seq2seq": """from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{model_dir}", src_lang="eng_Latn")
@@ -25,13 +29,14 @@ model = AutoModelForSeq2SeqLM.from_pretrained("{model_dir}")
 out = model.generate(**tok(["A dog runs on the beach."], return_tensors="pt"),
                      forced_bos_token_id=tok.convert_tokens_to_ids("deu_Latn"))
 print(tok.batch_decode(out, skip_special_tokens=True))""",
-    "llama": """from transformers import AutoModelForCausalLM, AutoTokenizer
+    "llama": """import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{model_dir}")
 model = AutoModelForCausalLM.from_pretrained("{model_dir}")
-prompt = "English: A dog runs on the beach.\\nGerman:"
-ids = tok(prompt, return_tensors="pt")
-out = model.generate(**ids, max_new_tokens=40, do_sample=False)
-print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split("\\n")[0])""",
+prompt = "English: A dog runs on the beach.\\nGerman:"  # the prompt it was trained with
+ids = torch.tensor([[tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]])
+out = model.generate(ids, max_new_tokens=40, do_sample=False)
+print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\\n")[0])""",
 }
 
 
@@ -69,7 +74,7 @@ not a production translator.
 ```
 - **Tokenizer:** SentencePiece (BPE, 6,000 pieces) over Multi30k train in all four languages, as
   an NLLB-style `NllbTokenizer` (`src_lang`/`tgt_lang` = `eng_Latn`, `deu_Latn`, `fra_Latn`,
-  `ces_Latn`; the target language token is forced as the first generated token).
+  `ces_Latn`; {TOKEN_USE[train['arch'] == 'llama']}).
 - **Data:** Multi30k task 1 train (29,000 captions, 4-way parallel), directions
   {', '.join(cfg['data']['directions'])}; {len(cfg['data']['directions']) * 29000:,} pairs per epoch.
   Checkpoints were picked on Multi30k `val` only; `test_2016_flickr` was never used in training.
