@@ -227,6 +227,9 @@ def main() -> None:
     if opt_cfg.get("max_steps"):  # a shorter schedule (the learning rate still decays to the end)
         total = min(total, int(opt_cfg["max_steps"]))
     max_steps = args.max_steps if args.max_steps is not None else total
+    if opt_cfg["warmup"] >= total:
+        raise SystemExit(f"train.warmup={opt_cfg['warmup']}: expected fewer steps than the schedule's {total} "
+                         "(the learning rate would never decay)")
     use_bf16 = opt_cfg.get("bf16", True)
     smoothing = opt_cfg.get("label_smoothing", 0.1)
     aux = cfg["arch"] == "nllb_moe"
