@@ -40,7 +40,7 @@ print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\\n")[0
 }
 
 
-def card(model_dir: Path, config_path: Path, scores: dict, target: float | None) -> str:
+def card(model_dir: Path, config_path: Path, scores: dict, target: float | None, remark: str = "") -> str:
     train = json.loads((model_dir / "training.json").read_text())
     cfg = yaml.safe_load(config_path.read_text())
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -88,7 +88,7 @@ not a production translator.
 | direction | {' | '.join(metrics)} |
 | --- | {' | '.join('---' for _ in metrics)} |
 {rows}
-{hit}
+{hit}{f"{chr(10)}**Note:** {remark}{chr(10)}" if remark else ""}
 Signatures (sacrebleu {scores['signatures'][metrics[0]].split('version:')[-1]}):
 {sigs}
 
@@ -123,8 +123,9 @@ def main() -> None:
     ap.add_argument("--config", required=True, type=Path)
     ap.add_argument("--scores", required=True, type=Path)
     ap.add_argument("--target", type=float, default=None, help="mean BLEU target to report as met/missed")
+    ap.add_argument("--remark", default="", help="a plain sentence for the card, e.g. why training was short")
     args = ap.parse_args()
-    text = card(args.model, args.config, json.loads(args.scores.read_text()), args.target)
+    text = card(args.model, args.config, json.loads(args.scores.read_text()), args.target, args.remark)
     (args.model / "README.md").write_text(text, encoding="utf-8")
     print(f"wrote {args.model / 'README.md'}")
 
