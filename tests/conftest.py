@@ -67,3 +67,15 @@ def write_self_reference_devset(model_dir: Path, out_dir: Path, sources: list[st
     (out_dir / f"{src}.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
     (out_dir / f"{tgt}.txt").write_text("\n".join(refs) + "\n", encoding="utf-8")
     return out_dir
+
+
+def search_config(tmp_path, model, dev, **extra):
+    """A search config over a 2-language self-reference dev set; ``a__b=v`` sets ``a.b=v``."""
+    from cullmt_ray.config import load_config
+
+    sets = [f"model.name={model}", f"data.dev={dev}", "data.languages=[eng_Latn, deu_Latn]",
+            "data.directions=eng_Latn-deu_Latn", "data.max_sentences=null", "metric.spm=reference",
+            "search.threshold=0.0", f"output.dir={tmp_path / 'runs'}", f"output.store={tmp_path / 'store.sqlite'}",
+            "resources.actors=2", "name=t"]
+    sets += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return load_config(None, sets)

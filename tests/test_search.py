@@ -7,20 +7,12 @@ import json
 import pandas as pd
 import pytest
 
-from cullmt_ray.config import load_config
 from cullmt_ray.search import run_search
 from cullmt_ray.store import ResultStore
 
-from .conftest import write_self_reference_devset
+from .conftest import search_config, write_self_reference_devset
 
-
-def config(tmp_path, model, dev, **extra):
-    sets = [f"model.name={model}", f"data.dev={dev}", "data.languages=[eng_Latn, deu_Latn]",
-            "data.directions=eng_Latn-deu_Latn", "data.max_sentences=null", "metric.spm=reference",
-            "search.threshold=0.0", f"output.dir={tmp_path / 'runs'}", f"output.store={tmp_path / 'store.sqlite'}",
-            "resources.actors=2", "name=t"]
-    sets += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
-    return load_config(None, sets)
+config = search_config
 
 
 def test_greedy_drops_exactly_the_identity_layers(ray_cluster, tiny_encdec, demo_sources, tmp_path):

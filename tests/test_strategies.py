@@ -17,7 +17,7 @@ from cullmt_ray.search import SearchError, make_strategy, run_search
 from cullmt_ray.store import Evaluation, ResultStore
 from cullmt_ray.strategies import STRATEGIES, SearchSpace, StopRule, StrategyError
 
-from .conftest import write_self_reference_devset
+from .conftest import search_config, write_self_reference_devset
 
 UNITS = [f"enc.{i}" for i in range(5)] + [f"dec.{i}" for i in range(5)]
 HARM = {"enc.4": 0.1, "enc.0": 1.0, "dec.0": 1.0} | {u: 5.0 + i for i, u in enumerate(UNITS)
@@ -113,13 +113,7 @@ def test_fixed_size_strategies_need_a_size_and_options_are_checked(tmp_path):
         load_config(None, ["search.strategy=annealing"])
 
 
-def config(tmp_path, model, dev, **extra):
-    sets = [f"model.name={model}", f"data.dev={dev}", "data.languages=[eng_Latn, deu_Latn]",
-            "data.directions=eng_Latn-deu_Latn", "data.max_sentences=null", "metric.spm=reference",
-            "search.threshold=0.0", f"output.dir={tmp_path / 'runs'}", f"output.store={tmp_path / 'store.sqlite'}",
-            "resources.actors=2", "name=t"]
-    sets += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
-    return load_config(None, sets)
+config = search_config
 
 
 @pytest.mark.parametrize("name", ["beam", "evolutionary", "tpe", "nsga2"])

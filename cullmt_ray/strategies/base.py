@@ -138,6 +138,12 @@ class BaseStrategy(ABC):
                                 f"fixed size; expected 1..{len(self.space.removable) - 1}")
         return k
 
+    def _stop_after_step(self, best: Evaluation) -> str:
+        """For stepwise strategies: why to stop after accepting ``best`` ('' to go on)."""
+        if self.stop.size_reached(len(best.candidate), best.params, self.space.baseline_params):
+            return "size target reached"
+        return "budget spent" if self.budget_left == 0 else ""
+
     def best(self, size: int | None = None) -> dict | None:
         """The best evaluation told so far (of ``size`` units when given)."""
         rows = [h for h in self.history if size is None or len(h["removed"]) == size]

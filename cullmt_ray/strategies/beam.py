@@ -45,10 +45,8 @@ class BeamStrategy(BaseStrategy):
             return
         self.beams = [e.candidate for e in ranked[: self.width]]
         self.final = best.candidate.units
-        if self.stop.size_reached(len(best.candidate), best.params, self.space.baseline_params):
-            self._finish("size target reached")
-        elif self.budget_left == 0:
-            self._finish("budget spent")
+        if reason := self._stop_after_step(best):
+            self._finish(reason)
 
     def _finish(self, reason: str) -> None:
         self.finished, self.stop_reason = True, reason

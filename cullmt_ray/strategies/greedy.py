@@ -44,10 +44,8 @@ class GreedyStrategy(BaseStrategy):
         step["accepted"] = True
         self.steps.append(step)
         self.current = best.candidate
-        if self.stop.size_reached(len(self.current), best.params, self.space.baseline_params):
-            self._finish("size target reached")
-        elif self.budget_left == 0:
-            self._finish("budget spent")
+        if reason := self._stop_after_step(best):
+            self._finish(reason)
 
     def _finish(self, reason: str) -> None:
         self.finished, self.stop_reason = True, reason
