@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_path, write_json, write_text
+from .atomic import save_figure, write_json, write_text
 from .candidate import BASELINE, Candidate
 from .config import SearchRunConfig
 from .data import direction_name, parse_directions, select_directions
@@ -127,7 +127,4 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_title("Per-direction loss by calibration choice", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

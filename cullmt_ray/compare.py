@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_path, write_json, write_text
+from .atomic import save_figure, write_json, write_text
 from .candidate import BASELINE
 from .config import SearchRunConfig
 from .pareto import hypervolume, non_dominated
@@ -96,10 +96,7 @@ def _plots(runs: dict[str, dict], baseline: Evaluation, out: Path, metric: str, 
     ax.set_title("Pareto fronts by strategy", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(out / "fronts.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, out / "fronts.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, run in runs.items():
@@ -116,10 +113,7 @@ def _plots(runs: dict[str, dict], baseline: Evaluation, out: Path, metric: str, 
     ax.set_title("Best score vs budget", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(out / "progress.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, out / "progress.png")
 
 
 def _markdown(report: dict) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, save_figure, write_json
 from .store import Evaluation
 
 
@@ -90,10 +90,7 @@ def plot(all_df: pd.DataFrame, front_df: pd.DataFrame, baseline: Evaluation, pat
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

@@ -17,11 +17,10 @@ class BeamStrategy(BaseStrategy):
     width: int = 3
     beams: list[Candidate] = field(default_factory=lambda: [BASELINE])
     steps: list[dict] = field(default_factory=list)
-    finished: bool = field(default=False, init=False)
     final: list[str] = field(default_factory=list)
 
     def ask(self) -> list[Candidate]:
-        if self.finished:
+        if self.stop_reason:
             return []
         options = [b.with_removed(u) for b in self.beams for u in self.space.removable if u not in b.removed]
         out = self._take(options)
@@ -49,7 +48,7 @@ class BeamStrategy(BaseStrategy):
             self._finish(reason)
 
     def _finish(self, reason: str) -> None:
-        self.finished, self.stop_reason = True, reason
+        self.stop_reason = reason
 
     def trace(self) -> dict:
         return {**super().trace(), "final": self.final, "width": self.width, "steps": self.steps}

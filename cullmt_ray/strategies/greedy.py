@@ -16,10 +16,9 @@ class GreedyStrategy(BaseStrategy):
     name: str = "greedy"
     current: Candidate = BASELINE
     steps: list[dict] = field(default_factory=list)
-    finished: bool = field(default=False, init=False)
 
     def ask(self) -> list[Candidate]:
-        if self.finished:
+        if self.stop_reason:
             return []
         options = [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed]
         allowed = self._take(options)
@@ -48,7 +47,7 @@ class GreedyStrategy(BaseStrategy):
             self._finish(reason)
 
     def _finish(self, reason: str) -> None:
-        self.finished, self.stop_reason = True, reason
+        self.stop_reason = reason
 
     def trace(self) -> dict:
         return {"strategy": self.name, "final": self.current.units, "stop_reason": self.stop_reason,
