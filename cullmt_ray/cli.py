@@ -28,6 +28,8 @@ examples:
   cullmt-ray evaluate --remove enc.3,dec.1            # score one prune set against the baseline
   cullmt-ray evaluate --dev ../shared/data/multi30k --split test_2016_flickr --max-sentences all
   cullmt-ray pareto results/runs/demo-dense-20261123-181700
+  cullmt-ray heal results/runs/demo-dense-20261123-181700 --config search_spaces/heal_demo.yaml --candidate best
+  cullmt-ray submit --address http://127.0.0.1:8265 --follow -- search --target-removed 2   # on a Ray cluster
 """
 
 
@@ -44,7 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", help="primary metric: spbleu | chrf++ | bleu")
     p.add_argument("--spm", help="SentencePiece model for spBLEU: flores200 | reference | PATH")
     p.add_argument("--actors", type=int, help="evaluator actors (default: one per GPU, else one per CPU)")
-    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: start locally")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001, host:6379; http://host:8265 runs "
+                                      "the command as a Ray job, see submit); default: start locally")
     p.add_argument("--store", help="results store (SQLite file); default results/store.sqlite")
 
 
@@ -89,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--calibration", dest="calibrations", action="append", metavar="CHOICE",
                    help="all | from-english | to-english | into:LANG | from:LANG | src-tgt,... (repeatable; "
                         "default: all, from-english, to-english)")
+    x = sub.add_parser("experts", help="language-specific expert pruning of NLLB-MoE from gate statistics; report",
+                       description="Collect gate statistics per direction, remove experts at each rate "
+                                   "(experts.rates) as the gate statistics say, score every pruned model on its "
+                                   "direction; write gate_stats.json and experts.{md,json,csv}.")
+    _common(x)
+    x.add_argument("--output", help="folder for run folders (default results/runs)")
+    x.add_argument("--name", help="run name (folder prefix)")
+    x.add_argument("--rates", help="comma-separated fractions of experts removed (default 0.25,0.5,0.75,0.8)")
+    x.add_argument("--stats-split", help="split of the dev set the gate statistics come from, e.g. val")
+    x.add_argument("--export", action="append", default=[], metavar="DIRECTION@RATE",
+                   help="save the model pruned for that direction and rate, e.g. eng_Latn-deu_Latn@0.5 (repeatable)")
     e = sub.add_parser("evaluate", help="score the baseline and one prune set, per direction",
                        description="Score the unpruned model and (with --remove) one prune set on the dev set.")
     _common(e)
@@ -101,7 +115,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder made by cullmt-ray search, or a results store (.sqlite)")
     p.add_argument("--store", help="results store; default: the one the run used")
     p.add_argument("--out", help="output folder (default: the run folder)")
+    j = sub.add_parser("submit", help="run a command (search, compare, ...) on a Ray cluster as a Ray job",
+                       description="Send a cullmt-ray command and its arguments to a running Ray cluster through the "
+                                   "Ray Jobs API, with this checkout as the working directory. The cluster's token "
+                                   "comes from --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                                   "~/.ray/auth_token; it is never logged nor stored in the job.",
+                       epilog="example: cullmt-ray submit --address http://127.0.0.1:8265 --follow -- search "
+                              "--target-removed 2")
+    j.add_argument("--address", help="the cluster: http(s)://HOST:8265 (dashboard), auto, ray://HOST:10001 or "
+                                     "HOST:6379 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, http://127.0.0.1:8265)")
+    j.add_argument("--token-file", help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, "
+                                        "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    j.add_argument("--working-dir", help="folder uploaded as the job's working directory (default: this checkout)")
+    j.add_argument("--no-working-dir", action="store_true", help="upload nothing: cullmt-ray is installed on the cluster")
+    j.add_argument("--pip", action="append", default=[], metavar="REQ",
+                   help="pip requirement installed for the job (repeatable), or one requirements.txt; pin torch "
+                        "yourself")
+    j.add_argument("--submission-id", help="job id (default: cullmt-COMMAND-UTCTIME-XXXX)")
+    j.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="extra job metadata")
+    j.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its outcome")
+    j.add_argument("--attach", metavar="SUBMISSION_ID", help="do not submit: follow (or show) this job")
+    j.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                   help="the cullmt-ray command to run and its arguments")
+    _heal_parser(sub)
     return ap
+
+
+def _heal_parser(sub) -> None:
+    h = sub.add_parser("heal", help="heal pruned candidates of a search run (KD + LoRA with Ray Train); export them",
+                       description="Heal candidates of a finished search: the unpruned model translates the training "
+                                   "corpus (cached KD data), LoRA adapters are fine-tuned on the pruned model with Ray "
+                                   "Train, merged, and saved with a model card (loads with plain transformers). "
+                                   "Writes RUN_DIR/heal/<name>-<UTC time>/.")
+    h.add_argument("run_dir", nargs="?", help="a run folder made by cullmt-ray search")
+    h.add_argument("--config", help="heal recipe, e.g. search_spaces/heal_demo.yaml (default: built-in defaults)")
+    h.add_argument("--candidate", action="append", default=[], metavar="ID|best|pareto",
+                   help="best (the run's final prune set, default), pareto (every pruned point of its front), a "
+                        "candidate id from pareto.csv, or units like enc.1,enc.3 (repeatable)")
+    h.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe field, e.g. --set lora.r=8 (repeatable)")
+    h.add_argument("--mix", help="training targets: kd (teacher translations) | refs (human references) | both")
+    h.add_argument("--lora-r", type=int, help="LoRA rank")
+    h.add_argument("--target-modules", help="comma-separated LoRA target modules, or auto")
+    h.add_argument("--workers", type=int, help="Ray Train workers per candidate")
+    h.add_argument("--keep-adapter", action="store_true", help="also keep the unmerged adapter (+ the pruned base)")
+    h.add_argument("--name", help="heal name (folder prefix)")
+    h.add_argument("--out", help="heal folder (default RUN_DIR/heal/<name>-<UTC time>)")
+    h.add_argument("--address", help="Ray cluster address (default: the search run's)")
+    h.add_argument("--resume", metavar="HEAL_DIR", help="finish a killed heal: KD cache and checkpoints are reused")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -156,6 +217,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     run_calibration_study(cfg, args.calibrations or ["all", "from-english", "to-english"])
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .expert_study import run_expert_study
+
+    extra = [f"experts.rates=[{args.rates}]"] if args.rates else []
+    extra += [f"experts.stats_split={args.stats_split}"] if args.stats_split else []
+    cfg = load_config(args.config, [*_overrides(args), *extra])
+    if args.config is None and not any(o.startswith("model.name=") for o in _overrides(args)):
+        cfg.model.name = "reference:moe"  # the embedded default, with the shipped MoE model
+    run_expert_study(cfg, args.export)
     return 0
 
 
@@ -261,6 +335,33 @@ def export_store_fronts(store, out: Path) -> list[Path]:
     return files
 
 
+def cmd_heal(args: argparse.Namespace) -> int:
+    from .heal import load_heal_config, resume_heal, run_heal
+
+    if args.resume:
+        print(f"[cullmt-ray] resuming {args.resume}", flush=True)
+        heal_dir = resume_heal(args.resume)
+    else:
+        if not args.run_dir:
+            raise ValueError("heal: expected a search run folder (RUN_DIR), or --resume HEAL_DIR")
+        sets = list(args.overrides)
+        flags = {"mix": "mix", "lora_r": "lora.r", "target_modules": "lora.target_modules",
+                 "workers": "resources.workers", "name": "name", "address": "resources.address"}
+        sets += [f"{key}={getattr(args, attr)}" for attr, key in flags.items() if getattr(args, attr) is not None]
+        if args.keep_adapter:
+            sets.append("export.keep_adapter=true")
+        cfg = load_heal_config(args.config, sets)
+        heal_dir = run_heal(args.run_dir, args.candidate or ["best"], cfg, args.out)
+    print(f"[cullmt-ray] healed models and cards: {heal_dir}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import run_submit
+
+    return run_submit(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.command:
@@ -274,12 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     from .families.base import FamilyError
     from .metrics import MetricError
     from .search import SearchError
+    from .submit import SubmitError
 
     try:
+        if args.command != "submit" and str(getattr(args, "address", None) or "").startswith(("http://", "https://")):
+            from .submit import forward
+
+            return forward(list(sys.argv[1:] if argv is None else argv), args.address)
         commands = {"search": cmd_search, "compare": cmd_compare, "calibrate": cmd_calibrate,
-                    "evaluate": cmd_evaluate, "pareto": cmd_pareto}
+                    "evaluate": cmd_evaluate, "pareto": cmd_pareto, "submit": cmd_submit, "experts": cmd_experts,
+                    "heal": cmd_heal}
         return commands[args.command](args)
-    except (ConfigError, DataError, FamilyError, MetricError, SearchError, ValueError, KeyError,
+    except (ConfigError, DataError, FamilyError, MetricError, SearchError, SubmitError, ValueError, KeyError,
             RayTaskError) as e:
         if os.environ.get("CULLMT_DEBUG") == "1":
             raise

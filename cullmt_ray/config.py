@@ -51,10 +51,12 @@ class MetricConfig:
 
 @dataclass
 class FidelityConfig:
-    """Two-stage scoring: every candidate on the first ``sentences`` sentences per direction, then
-    the best ``keep`` fraction of each batch on the whole dev set (successive halving)."""
+    """Staged scoring of each batch of candidates (successive halving); each stage passes on its
+    best ``keep`` fraction: ``proxy`` (teacher-forced KL to the full model, no decoding), then the
+    first ``sentences`` sentences per direction, then the whole dev set."""
 
-    sentences: int | None = None  # None: off (every candidate gets a full evaluation)
+    sentences: int | None = None  # None: no sentence-subset stage
+    proxy: str | None = None  # kl | None: no proxy stage
     keep: float = 0.5
 
 
@@ -89,12 +91,33 @@ class ResourcesConfig:
     reserve_cpus: float = 0.1
     trial_cpus: float = 0.05  # CPUs per Tune trial (trials only message the actors)
     num_cpus: int | None = None  # CPUs for a local cluster started by cullmt-ray
+    placement: str = "spread"  # spread: actors round-robin over the nodes | pack: fill one node, then the next
+    actor_resources: dict = field(default_factory=dict)  # custom resources each actor needs, e.g. {cullmt: 1}
 
 
 @dataclass
 class OutputConfig:
     dir: str = "results/runs"
     store: str = "results/store.sqlite"
+
+
+@dataclass
+class ExpertsConfig:
+    """Language-specific expert pruning of NLLB-MoE (``cullmt-ray experts``; see cullmt_ray/experts.py).
+
+    Gate statistics come from ``stats_dev``/``stats_split`` (its first ``stats_sentences`` lines
+    per language); the pruned models are scored on ``data`` (the evaluation set)."""
+
+    stats_dev: str | None = None  # default: data.dev
+    stats_split: str | None = None  # e.g. val (default: data.split)
+    stats_sentences: int | None = 200
+    teacher_forced: bool = False  # statistics while scoring the references instead of while translating
+    rates: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 0.8])  # fractions of experts removed
+    score: str = "importance"  # importance | activity | top1 | mean_prob
+    mode: str = "global"  # global (threshold over a side's layers) | per_layer
+    min_per_layer: int = 1
+    enc_dec_ratio: float = 3.0  # kept encoder : decoder experts
+    granularity: str = "language"  # language | pair
 
 
 @dataclass
@@ -107,6 +130,7 @@ class SearchRunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,6 +240,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: SearchRunConfig) -> None:
     from .metrics import METRICS
 
+    ex = cfg.experts
+    for r in ex.rates:
+        if not 0 < r < 1:
+            raise ConfigError(f"experts.rates: {r} is not a fraction of experts removed in (0, 1)")
+    if ex.stats_sentences is not None and ex.stats_sentences < 1:
+        raise ConfigError(f"experts.stats_sentences={ex.stats_sentences}: expected >= 1 (or null for all)")
+    from .experts import Selection
+
+    try:
+        Selection(0.5, ex.score, ex.mode, ex.min_per_layer, ex.enc_dec_ratio, ex.granularity).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.metric.primary not in METRICS:
         raise ConfigError(f"metric.primary={cfg.metric.primary!r}: expected one of {', '.join(METRICS)}")
     for m in cfg.metric.metrics:
@@ -234,8 +270,10 @@ def validate(cfg: SearchRunConfig) -> None:
         raise ConfigError(f"search.fidelity.sentences={fid.sentences}: expected >= 1 sentences (or null for off)")
     if not 0 < fid.keep <= 1:
         raise ConfigError(f"search.fidelity.keep={fid.keep}: expected a fraction in (0, 1]")
-    if fid.sentences is not None and cfg.search.driver == "tune":
-        raise ConfigError("search.fidelity.sentences: two-stage scoring runs with search.driver=local only")
+    if fid.proxy not in (None, "kl"):
+        raise ConfigError(f"search.fidelity.proxy={fid.proxy!r}: expected kl or null (off)")
+    if (fid.sentences is not None or fid.proxy) and cfg.search.driver == "tune":
+        raise ConfigError("search.fidelity: staged scoring runs with search.driver=local only")
     if cfg.search.driver not in ("local", "tune"):
         raise ConfigError(f"search.driver={cfg.search.driver!r}: expected local or tune")
     if not 0 < cfg.resources.trial_cpus <= cfg.resources.reserve_cpus:
@@ -257,5 +295,11 @@ def validate(cfg: SearchRunConfig) -> None:
         raise ConfigError(f"resources.actors={cfg.resources.actors}: expected >= 1")
     if cfg.resources.cpus_per_actor <= 0:
         raise ConfigError(f"resources.cpus_per_actor={cfg.resources.cpus_per_actor}: expected > 0")
+    if cfg.resources.placement not in ("spread", "pack"):
+        raise ConfigError(f"resources.placement={cfg.resources.placement!r}: expected spread or pack")
+    for k, v in cfg.resources.actor_resources.items():
+        if k in ("CPU", "GPU", "memory") or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"resources.actor_resources.{k}={v!r}: expected a custom resource name "
+                              "(not CPU/GPU/memory) and an amount > 0, e.g. {cullmt: 1}")
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise ConfigError(f"name={cfg.name!r}: expected a non-empty name without spaces or slashes")

@@ -2,8 +2,10 @@
 
 An actor loads its model once, then for each candidate applies the prune set (no weight
 copies), decodes every direction of the evaluation set (batched, length-sorted, greedy or
-beam) and scores it with sacrebleu. Actors are named (``evaluator-<run>-<slot>``) so the Ray
-dashboard shows them; Ray restarts a dead actor and retries its candidate.
+beam) and scores it with sacrebleu. Actors are named ``evaluator-<node>-<run>-<slot>`` (``<node>``: the
+first 8 hex digits of the Ray node id the pool placed it on, ``any`` where Ray places it) so the
+Ray dashboard shows where each one runs and concurrent runs never clash; Ray restarts a dead actor
+and retries its candidate.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import ray
 
@@ -47,7 +50,8 @@ class EvaluatorActor:
     def ready(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "units": self.family.units(), "size": asdict(self.family.size()),
-                "family": self.family.name, "signatures": self.scorer.signatures()}
+                "family": self.family.name, "signatures": self.scorer.signatures(),
+                "dispatch": getattr(self.family, "dispatch", None)}
 
     def evaluate(self, removed: list[str], directions: list[Direction], limit: int | None = None) -> dict:
         """Score a prune set on ``directions``, on the first ``limit`` sentences (all when None)."""
@@ -67,6 +71,31 @@ class EvaluatorActor:
                 "bytes": size.bytes, "sentences": n * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
+    def kl(self, removed: list[str], directions: list[Direction], limit: int | None = None,
+           batch_size: int = 16) -> dict:
+        """Teacher-forced KL(full || pruned) of a prune set, nats per target token (no decoding).
+
+        The result has :meth:`evaluate`'s shape: ``metrics["kl"]`` per direction and mean, score
+        ``-mean`` (higher is better), ``sentences`` 0 generated (``teacher_forced`` says how many
+        were scored). The full model's distributions are recomputed, not cached: with a large
+        vocabulary they would not fit.
+        """
+        from .proxies import kl_to_full
+
+        t0 = time.perf_counter()
+        n = len(self.devset) if limit is None else min(limit, len(self.devset))
+        per_direction = {}
+        for src, tgt in directions:
+            s, t = list(self.devset.lines[src][:n]), list(self.devset.lines[tgt][:n])
+            batches = [self.family.teacher_forced(s[i : i + batch_size], t[i : i + batch_size], src, tgt)
+                       for i in range(0, n, batch_size)]
+            per_direction[direction_name((src, tgt))] = kl_to_full(self.family, batches, removed)  # unrounded: tiny KLs still rank
+        mean = sum(per_direction.values()) / len(per_direction)
+        size = self.family.size(removed)
+        return {"score": -mean, "metrics": {"kl": {**per_direction, "mean": mean}}, "params": size.params,
+                "bytes": size.bytes, "sentences": 0, "teacher_forced": n * len(directions),
+                "seconds": time.perf_counter() - t0, "actor": self.name}
+
     def proxies(self, units: list[str], directions: list[Direction], batch_size: int = 16) -> dict:
         """Teacher-forced importance proxies (KL to the full model, angular distance) per unit."""
         from .proxies import proxy_scores
@@ -80,12 +109,40 @@ class EvaluatorActor:
         out = proxy_scores(self.family, batches, units)
         return {**out, "seconds": time.perf_counter() - t0, "sentences": len(self.devset) * len(directions)}
 
-    def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
+    def gate_stats(self, direction: Direction, sources: list[str], targets: list[str] | None = None,
+                   batch_size: int = 16) -> dict:
+        """MoE router statistics for one direction (see :meth:`NllbMoeFamily.gate_stats`): while the
+        model translates ``sources``, or, with ``targets``, while it scores them by teacher forcing."""
+        if not hasattr(self.family, "gate_stats"):
+            raise ValueError(f"gate statistics need an NLLB-MoE model; {self.family.model_id} is {self.family.name}")
+        src, tgt = direction
+        if targets is None:
+            runs = [lambda: self.family.translate(sources, src, tgt, self.settings.decoding)]
+        else:
+            runs = [lambda b=self.family.teacher_forced(sources[i : i + batch_size], targets[i : i + batch_size],
+                                                        src, tgt): self.family.model(**b[0])
+                    for i in range(0, len(sources), batch_size)]
+        return self.family.gate_stats(runs, {"enc": src, "dec": tgt})
+
+    def translate(self, removed: list[str], sources: list[str], src: str, tgt: str,
+                  decoding: Decoding | None = None) -> list[str]:
         with self.family.apply(removed):
-            return self.family.translate(sources, src, tgt, self.settings.decoding)
+            return self.family.translate(sources, src, tgt, decoding or self.settings.decoding)
+
+    def export(self, removed: list[str], out_dir: str, card: dict | None = None) -> str:
+        """Save the model without ``removed`` (on this actor's node) so plain ``from_pretrained`` loads it."""
+        return str(self.family.export(removed, out_dir, card))
 
     def pid(self) -> int:
         return os.getpid()
+
+    def __repr__(self) -> str:  # the dashboard's Repr column and Ray's log prefix
+        import socket
+
+        return socket.gethostname()  # the node's host; the name says node id, run and slot
+
+
+LOWER_IS_BETTER = {"kl"}  # metrics whose score is their negated mean
 
 
 def merge_results(parts: list[dict], metric: str) -> dict:
@@ -96,9 +153,11 @@ def merge_results(parts: list[dict], metric: str) -> dict:
             metrics.setdefault(m, {}).update({d: v for d, v in per.items() if d != "mean"})
     for m, per in metrics.items():
         ordered = dict(sorted(per.items()))
-        metrics[m] = {**ordered, "mean": round(sum(ordered.values()) / len(ordered), 4)}
+        mean = sum(ordered.values()) / len(ordered)
+        metrics[m] = {**ordered, "mean": mean if m in LOWER_IS_BETTER else round(mean, 4)}  # tiny KLs still rank
     first = parts[0]
-    return {"score": metrics[metric]["mean"], "metrics": metrics, "params": first["params"],
+    mean = metrics[metric]["mean"]
+    return {"score": -mean if metric in LOWER_IS_BETTER else mean, "metrics": metrics, "params": first["params"],
             "bytes": first["bytes"], "sentences": sum(p["sentences"] for p in parts),
             "seconds": sum(p["seconds"] for p in parts),
             "actor": ",".join(sorted({p["actor"] for p in parts}))}
@@ -112,6 +171,8 @@ class Resources:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
     reserve_cpus: float = 0.1  # left free for the driver and light Ray Tune trials
+    placement: str = "spread"  # spread: round-robin over the nodes | pack: fill a node, then the next
+    actor_resources: dict | None = None  # custom resources each actor needs, e.g. {"cullmt": 1}
 
 
 def plan_actors(res: Resources) -> tuple[int, float, float, int]:
@@ -131,6 +192,32 @@ def plan_actors(res: Resources) -> tuple[int, float, float, int]:
     return n, per_actor_cpu, gpa, threads
 
 
+def place_actors(n: int, need: dict[str, float], placement: str = "spread") -> list[str | None]:
+    """A node id for each of ``n`` actors that each need ``need`` (CPU, GPU, custom resources).
+
+    Nodes are the alive ones whose total resources fit at least one actor, the driver's node first.
+    ``spread`` deals actors round-robin over them, ``pack`` fills one before the next. ``None``
+    where no node has room left: Ray queues that actor (and an autoscaler may add a node for it).
+    """
+    need = {k: float(v) for k, v in need.items() if v and v > 0}
+    here = ray.get_runtime_context().get_node_id()
+    nodes = sorted((nd for nd in ray.nodes() if nd.get("Alive")), key=lambda nd: (nd["NodeID"] != here, nd["NodeID"]))
+    room = {nd["NodeID"]: int(min(nd["Resources"].get(k, 0.0) / v + 1e-9 for k, v in need.items()))
+            for nd in nodes} if need else {}
+    given = dict.fromkeys(room, 0)
+    out: list[str | None] = []
+    for _ in range(n):
+        free = [nid for nid in room if room[nid] > 0]
+        if not free:
+            out.append(None)
+            continue
+        nid = min(free, key=given.__getitem__) if placement == "spread" else free[0]
+        room[nid] -= 1
+        given[nid] += 1
+        out.append(nid)
+    return out
+
+
 class EvaluatorPool:
     """A set of evaluator actors; spreads candidates over them and yields results as they finish."""
 
@@ -140,13 +227,19 @@ class EvaluatorPool:
         # Held for the pool's lifetime: a restarted actor re-reads its constructor arguments
         # from the object store (ray-project/ray#53727).
         self._devset_ref = ray.put(devset)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         cls = ray.remote(EvaluatorActor)
-        self.names = [f"evaluator-{run}-{i}" for i in range(n)]
-        self.actors = [
-            cls.options(name=name, num_cpus=cpu, num_gpus=gpu, max_restarts=3, max_task_retries=3,
-                        max_concurrency=1).remote(spec, self._devset_ref, settings, threads, name)
-            for name in self.names
-        ]
+        custom = dict(resources.actor_resources or {})
+        nodes = place_actors(n, {"CPU": cpu, "GPU": gpu, **custom}, resources.placement)
+        self.names = [f"evaluator-{node[:8] if node else 'any'}-{run}-{i}" for i, node in enumerate(nodes)]
+        self.actors = []
+        for name, node in zip(self.names, nodes):
+            # soft: if that node is gone or busy, Ray places the actor elsewhere (the name then says where it was meant to run)
+            where = NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True) if node else "DEFAULT"
+            self.actors.append(cls.options(name=name, num_cpus=cpu, num_gpus=gpu, resources=custom or None,
+                                           scheduling_strategy=where, max_restarts=3, max_task_retries=3,
+                                           max_concurrency=1).remote(spec, self._devset_ref, settings, threads, name))
         self.info = ray.get([a.ready.remote() for a in self.actors])
         self.metric = settings.metric
 
@@ -154,9 +247,10 @@ class EvaluatorPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]],
-                 limit: int | None = None) -> Iterator[tuple[Candidate, dict]]:
-        """Yield ``(candidate, result)`` as candidates complete.
+    def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]], limit: int | None = None,
+                 proxy: str | None = None) -> Iterator[tuple[Candidate, dict]]:
+        """Yield ``(candidate, result)`` as candidates complete; with ``proxy="kl"`` the result is the
+        teacher-forced KL to the full model (:meth:`EvaluatorActor.kl`) instead of decoding.
 
         Each candidate is split into one task per direction, so that every actor stays busy even
         when there are fewer candidates than actors (the baseline, a final held-out check); an
@@ -169,18 +263,23 @@ class EvaluatorPool:
             parts_left[c] = parts_left.get(c, 0) + 1
         running: dict[ray.ObjectRef, tuple[int, Candidate]] = {}
         free = list(range(len(self.actors)))
+        if proxy not in (None, "kl"):
+            raise ValueError(f"proxy={proxy!r}: expected kl or None")
+        method = "kl" if proxy else "evaluate"
+        metric = "kl" if proxy else self.metric
         while pending or running:
             while pending and free:
                 i = free.pop(0)
                 cand, direction = pending.pop()
-                running[self.actors[i].evaluate.remote(cand.units, [direction], limit)] = (i, cand)
+                call = getattr(self.actors[i], method)
+                running[call.remote(cand.units, [direction], limit)] = (i, cand)
             done, _ = ray.wait(list(running), num_returns=1)
             i, cand = running.pop(done[0])
             free.append(i)
             parts.setdefault(cand, []).append(ray.get(done[0]))
             parts_left[cand] -= 1
             if parts_left[cand] == 0:
-                yield cand, merge_results(parts.pop(cand), self.metric)
+                yield cand, merge_results(parts.pop(cand), metric)
 
     def proxies(self, units: list[str], directions: list[Direction]) -> dict:
         """Importance proxies for ``units`` (see :mod:`cullmt_ray.proxies`), units spread over the actors."""
@@ -190,9 +289,33 @@ class EvaluatorPool:
                 "angle": {u: p["angle"][u] for p in parts for u in p["angle"]},
                 "seconds": sum(p["seconds"] for p in parts), "sentences": parts[0]["sentences"]}
 
+    def gate_stats(self, lines: dict[str, list[str]], directions: list[Direction],
+                   teacher_forced: bool = False) -> dict[str, dict]:
+        """Router statistics per direction (``{"eng_Latn-deu_Latn": stats}``), directions spread over the actors."""
+        refs = [self.actors[i % self.size].gate_stats.remote(d, lines[d[0]], lines[d[1]] if teacher_forced else None)
+                for i, d in enumerate(directions)]
+        return {direction_name(d): st for d, st in zip(directions, ray.get(refs))}
+
     def translate(self, removed: list[str], sources: list[str], src: str, tgt: str) -> list[str]:
         """Translate with the first actor (used for reports and, later, KD data)."""
         return ray.get(self.actors[0].translate.remote(removed, sources, src, tgt))
+
+    def translate_many(self, jobs: Iterable[tuple[Any, list[str], list[str], str, str]],
+                       decoding: Decoding | None = None) -> Iterator[tuple[Any, list[str]]]:
+        """Spread ``(key, removed, sources, src, tgt)`` translation jobs over the actors (one at a time
+        each); yield ``(key, hypotheses)`` as jobs finish. Used for KD data (:mod:`cullmt_ray.heal.kd`)."""
+        pending = list(jobs)[::-1]
+        running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        free = list(range(len(self.actors)))
+        while pending or running:
+            while pending and free:
+                i = free.pop(0)
+                key, removed, sources, src, tgt = pending.pop()
+                running[self.actors[i].translate.remote(list(removed), list(sources), src, tgt, decoding)] = (i, key)
+            done, _ = ray.wait(list(running), num_returns=1)
+            i, key = running.pop(done[0])
+            free.append(i)
+            yield key, ray.get(done[0])
 
     def shutdown(self) -> None:
         for a in self.actors:

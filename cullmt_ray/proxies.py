@@ -63,18 +63,35 @@ def proxy_scores(family: ModelFamily, batches: list[tuple[dict, torch.Tensor]], 
         for h in hooks:
             h.remove()
     angle = {u: v[0] / max(v[1], 1) for u, v in sums.items()}
-    # KL to the full model, one pruned pass per unit and batch.
-    kl = {}
-    for u in units:
-        total, count = 0.0, 0
-        with family.apply([u]):
-            for (inputs, mask), lp_full in zip(batches, full_logp):
-                lp = F.log_softmax(model(**inputs).logits.float(), dim=-1)
-                per_tok = (lp_full.exp() * (lp_full - lp)).sum(-1)
-                total += float(per_tok[mask].sum())
-                count += int(mask.sum())
-        kl[u] = total / max(count, 1)
+    kl = {u: _kl(family, batches, full_logp, [u]) for u in units}  # one pruned pass per unit and batch
     return {"kl": kl, "angle": angle}
+
+
+@torch.inference_mode()
+def kl_to_full(family: ModelFamily, batches: list[tuple[dict, torch.Tensor]], removed: list[str]) -> float:
+    """KL(full || model without ``removed``) in nats per target token over ``batches``.
+
+    The first-stage proxy of a search (``search.fidelity.proxy: kl``): one teacher-forced pass of
+    the full and one of the pruned model per batch, no decoding.
+    """
+    total, count = 0.0, 0
+    for batch in batches:  # one batch at a time: full distributions over a big vocabulary are large
+        lp_full = F.log_softmax(family.model(**batch[0]).logits.float(), dim=-1)
+        kl = _kl(family, [batch], [lp_full], removed)
+        n = int(batch[1].sum())
+        total, count = total + kl * n, count + n
+    return total / max(count, 1)
+
+
+def _kl(family: ModelFamily, batches, full_logp: list[torch.Tensor], removed: list[str]) -> float:
+    total, count = 0.0, 0
+    with family.apply(removed):
+        for (inputs, mask), lp_full in zip(batches, full_logp):
+            lp = F.log_softmax(family.model(**inputs).logits.float(), dim=-1)
+            per_tok = (lp_full.exp() * (lp_full - lp)).sum(-1)
+            total += float(per_tok[mask].sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import ray
 import yaml
 from tqdm import tqdm
 
+from . import monitoring
 from .atomic import write_json, write_text
 from .candidate import BASELINE, Candidate
 from .config import SearchRunConfig, from_dict, validate
@@ -44,9 +45,16 @@ class SearchError(RuntimeError):
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (auto, ray://, or a head's GCS) or start a local cluster."""
+    """Connect to ``address`` (auto, ray://, or a head's GCS) or start a local cluster.
+
+    Inside a Ray job (``cullmt-ray submit``) ``RAY_ADDRESS`` names the job's cluster: joined, never a new one.
+    """
     if ray.is_initialized():
         return
+    if address and address.startswith(("http://", "https://")):
+        raise SearchError(f"resources.address={address!r} is a dashboard address: run the command there with "
+                          f"cullmt-ray submit --address {address} -- COMMAND, or give auto, ray://HOST:10001 or HOST:6379")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     kw: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, **kw)
@@ -62,6 +70,7 @@ class EvalSet:
     description: dict
     context: str = ""
     limit: int | None = None  # only the first ``limit`` sentences per direction (a low-fidelity stage)
+    proxy: str | None = None  # a proxy score instead of decoding (kl)
 
 
 @dataclass
@@ -79,31 +88,47 @@ class Session:
     cached: int = 0  # evaluations read from the store instead
     sentences: int = 0  # sentences generated in this run
     requested: int = 0  # sentences of every evaluation asked for, computed or read (full-evaluation equivalents)
-    _low: EvalSet | None = None  # the low-fidelity context, made on first use
+    _stages: dict[str, EvalSet] = field(default_factory=dict)  # low-fidelity contexts, made on first use
 
-    def evalset(self, directions: list[Direction], limit: int | None = None) -> EvalSet:
-        """An evaluation context over other directions (or fewer sentences) of the same dev set."""
+    def evalset(self, directions: list[Direction], limit: int | None = None, proxy: str | None = None) -> EvalSet:
+        """An evaluation context over other directions, fewer sentences, or a proxy of the same dev set."""
         info = self.pool.info[0]
-        es = _evalset(self.cfg, self.devset, directions, info["signatures"], self.cfg.model.name, info["units"])
+        es = _evalset(self.cfg, self.devset, directions, info["signatures"], self.cfg.model.name, info["units"],
+                      info.get("dispatch"))
         if limit is not None and limit < len(self.devset):
             es.limit = limit
             es.description = {**es.description, "first_sentences": limit}
+        if proxy:
+            es.proxy = proxy
+            es.description = {**es.description, "proxy": proxy, "metric": proxy}
         es.context = self.store.register_context(es.description)
         return es
 
     def evaluate_staged(self, candidates: list[Candidate], strategy: str) -> list[Evaluation]:
-        """With ``search.fidelity`` on: all candidates on a sentence subset, the best ``keep`` fraction
-        in full; the others keep their subset score. Off: plain :meth:`evaluate`."""
+        """Score a batch through the stages of ``search.fidelity`` (see :class:`FidelityConfig`): each
+        stage scores what the previous one kept and passes on its best ``keep`` fraction; a candidate
+        dropped at a stage keeps that stage's evaluation. Proxy scores are negated KL (below any BLEU),
+        so a dropped candidate always ranks under the decoded ones. No stage on: plain :meth:`evaluate`.
+        """
         fid = self.cfg.search.fidelity
-        if fid.sentences is None or len(candidates) < 2:
-            return self.evaluate(candidates, strategy)
-        if self._low is None:
-            self._low = self.evalset(self.calibration.directions, fid.sentences)
-        low = self.evaluate(candidates, f"{strategy}:low", self._low)
-        keep = max(1, math.ceil(fid.keep * len(candidates)))
-        top = [e.candidate for e in sorted(low, key=lambda e: (-e.score, e.params))[:keep]]
-        full = dict(zip(top, self.evaluate(top, strategy)))
-        return [full.get(e.candidate, e) for e in low]
+        stages = []
+        if fid.proxy:
+            stages.append(("proxy", lambda: self.evalset(self.calibration.directions, proxy=fid.proxy)))
+        if fid.sentences is not None:
+            stages.append(("low", lambda: self.evalset(self.calibration.directions, fid.sentences)))
+        result: dict[Candidate, Evaluation] = {}
+        todo = list(dict.fromkeys(candidates))
+        for name, make in stages:
+            if len(todo) < 2:
+                break
+            if name not in self._stages:
+                self._stages[name] = make()
+            scored = self.evaluate(todo, f"{strategy}:{name}", self._stages[name])
+            result.update(zip(todo, scored))
+            keep = max(1, math.ceil(fid.keep * len(todo)))
+            todo = [e.candidate for e in sorted(scored, key=lambda e: (-e.score, e.params))[:keep]]
+        result.update(zip(todo, self.evaluate(todo, strategy)))
+        return [result[c] for c in candidates]
 
     def evaluate(self, candidates: list[Candidate], strategy: str, evalset: EvalSet | None = None) -> list[Evaluation]:
         """Scores in input order: from the store where known, else from the pool (and then stored)."""
@@ -115,14 +140,16 @@ class Session:
             if hit is not None:
                 out[c] = hit
                 self.cached += 1
+                monitoring.store_hit(self.run_id, strategy, hit)
             else:
                 todo.append(c)
         bar = tqdm(total=len(todo), desc=f"{strategy}: evaluating", unit="cand", leave=False,
                    disable=not todo or os.environ.get("CULLMT_NO_PROGRESS") == "1")
-        for cand, res in self.pool.evaluate(((c, es.directions) for c in todo), es.limit):
+        for cand, res in self.pool.evaluate(((c, es.directions) for c in todo), es.limit, es.proxy):
             ev = Evaluation(cand, res["score"], res["params"], res["bytes"], res["metrics"], res["sentences"],
                             res["seconds"], strategy, self.run_id, res["actor"])
             self.store.put(es.context, ev)
+            monitoring.evaluated(ev)
             out[cand] = ev
             self.evaluated += 1
             self.sentences += res["sentences"]
@@ -138,10 +165,12 @@ def _devset(cfg: SearchRunConfig) -> DevSet:
 
 
 def _evalset(cfg: SearchRunConfig, ds: DevSet, dirs: list[Direction], signatures: dict, model_id: str,
-             units: list[str]) -> EvalSet:
+             units: list[str], dispatch: str | None = None) -> EvalSet:
     desc = {"model": model_fingerprint(model_id), "units": units, "dtype": cfg.model.dtype, "eval": describe(ds, dirs),
             "metric": cfg.metric.primary, "signatures": signatures,
             "decoding": asdict(Decoding(**asdict(cfg.decoding)))}
+    if dispatch:
+        desc["moe_dispatch"] = dispatch
     return EvalSet(dirs, desc)
 
 
@@ -175,15 +204,15 @@ def open_session(cfg: SearchRunConfig, run_id: str) -> Session:
     settings = EvalSettings(cfg.metric.primary, tuple(cfg.metric.metrics), cfg.metric.spm,
                             Decoding(**asdict(cfg.decoding)))
     res = Resources(cfg.resources.actors, cfg.resources.cpus_per_actor, cfg.resources.gpus_per_actor,
-                    cfg.resources.reserve_cpus)
+                    cfg.resources.reserve_cpus, cfg.resources.placement, cfg.resources.actor_resources)
     pool = EvaluatorPool(spec, ds, settings, res, run=run_id)
     info = pool.info[0]
     store = ResultStore(cfg.output.store)
-    calib = _evalset(cfg, ds, calib_dirs, info["signatures"], cfg.model.name, info["units"])
+    calib = _evalset(cfg, ds, calib_dirs, info["signatures"], cfg.model.name, info["units"], info.get("dispatch"))
     calib.context = store.register_context(calib.description)
     held = None
     if held_dirs:
-        held = _evalset(cfg, ds, held_dirs, info["signatures"], cfg.model.name, info["units"])
+        held = _evalset(cfg, ds, held_dirs, info["signatures"], cfg.model.name, info["units"], info.get("dispatch"))
         held.context = store.register_context(held.description)
     return Session(cfg, run_id, pool, store, calib, held, ds)
 

@@ -57,6 +57,31 @@ def build_llama(out_dir: str | Path, layers: int = 4, d_model: int = 64, seed: i
     return _save(model, tok, out_dir)
 
 
+def build_moe(out_dir: str | Path, layers: int = 2, d_model: int = 64, num_experts: int = 4, seed: int = 0,
+              zero_experts: tuple[str, ...] = ()) -> Path:
+    """A random NLLB-MoE (every other layer sparse, top-2 routing) saved with the reference tokenizer.
+    ``zero_experts`` (``enc.1.expert.2``) get zero output projections: removing them changes nothing
+    for tokens the router sends elsewhere."""
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    conf = NllbMoeConfig(vocab_size=len(tok), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+                         decoder_ffn_dim=2 * d_model, num_experts=num_experts, expert_capacity=64,
+                         encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         decoder_start_token_id=tok.eos_token_id, init_std=0.2, dropout=0.0, attention_dropout=0.0,
+                         activation_dropout=0.0, moe_token_dropout=0.0)
+    model = NllbMoeForConditionalGeneration(conf).eval()
+    with torch.no_grad():
+        for unit in zero_experts:
+            layer, _, e = unit.rpartition(".expert.")
+            _layer(model, layer).ffn.experts[f"expert_{e}"].fc2.weight.zero_()
+            _layer(model, layer).ffn.experts[f"expert_{e}"].fc2.bias.zero_()
+    return _save(model, tok, out_dir)
+
+
 def _layer(model: nn.Module, unit: str) -> nn.Module:
     prefix, idx = unit.rsplit(".", 1)
     inner = model.model

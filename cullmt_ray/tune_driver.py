@@ -19,6 +19,7 @@ import ray
 from ray import tune
 from ray.tune.search import Searcher
 
+from . import monitoring
 from .candidate import Candidate
 from .evaluator import merge_results
 from .store import Evaluation, ResultStore
@@ -65,6 +66,7 @@ class StrategySearcher(Searcher):
                 if hit is not None:
                     self.results[c] = hit
                     self.cached += 1
+                    monitoring.store_hit(self.run, self.strategy.name, hit)
                 else:
                     self.queue.append(c)
 
@@ -104,6 +106,7 @@ class StrategySearcher(Searcher):
                         int(result["sentences"]), float(result["seconds"]), self.strategy.name, self.run,
                         result.get("actor"))
         self.store.put(self.context, ev)
+        monitoring.evaluated(ev)
         self.results[c] = ev
         self.computed += 1
 

@@ -8,7 +8,16 @@ import pytest
 
 from cullmt_ray.config import ConfigError, load_config
 
-SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+HEAL_RECIPES = [p for p in ALL if p.name.startswith("heal_")]
+SPACES = [p for p in ALL if p not in HEAL_RECIPES]
+
+
+@pytest.mark.parametrize("path", HEAL_RECIPES, ids=lambda p: p.name)
+def test_shipped_heal_recipes_validate(path):
+    from cullmt_ray.heal.config import load_heal_config
+
+    load_heal_config(path)
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)

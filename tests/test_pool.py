@@ -25,7 +25,9 @@ def test_named_actors_and_recovery_from_a_killed_actor(ray_cluster, tiny_encdec)
     pool = EvaluatorPool(ModelSpec(str(tiny_encdec)), ds, EvalSettings(spm="reference"),
                          Resources(actors=1), run="pooltest")
     try:
-        assert ray.get_actor("evaluator-pooltest-0") is not None
+        node = pool.info[0]["node"]
+        assert pool.names == [f"evaluator-{node[:8]}-pooltest-0"]  # node, run, slot
+        assert ray.get_actor(pool.names[0]) is not None
         pid = pool.info[0]["pid"]
         jobs = [(Candidate.of([u]), [("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")])
                 for u in ("enc.0", "dec.0", "dec.1")]
@@ -41,3 +43,20 @@ def test_named_actors_and_recovery_from_a_killed_actor(ray_cluster, tiny_encdec)
         assert new_pid != pid  # Ray restarted the actor and retried its candidate
     finally:
         pool.shutdown()
+
+
+def test_place_actors_spreads_packs_and_leaves_the_rest_to_ray(monkeypatch):
+    from cullmt_ray import evaluator
+
+    nodes = [{"NodeID": "b" * 56, "Alive": True, "Resources": {"CPU": 4.0, "GPU": 2.0}},
+             {"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "cullmt": 1.0}},
+             {"NodeID": "c" * 56, "Alive": True, "Resources": {"CPU": 16.0}},  # no GPU: never gets a GPU actor
+             {"NodeID": "d" * 56, "Alive": False, "Resources": {"CPU": 4.0, "GPU": 8.0}}]
+    monkeypatch.setattr(evaluator.ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(evaluator.ray, "get_runtime_context",
+                        lambda: type("Ctx", (), {"get_node_id": lambda self: "b" * 56})())
+    a, b = "a" * 56, "b" * 56
+    gpu = {"CPU": 1.0, "GPU": 1.0}
+    assert evaluator.place_actors(4, gpu, "spread") == [b, a, b, None]  # the driver's node first; 3 GPUs in all
+    assert evaluator.place_actors(3, gpu, "pack") == [b, b, a]
+    assert evaluator.place_actors(2, {"CPU": 1.0, "cullmt": 1.0}, "spread") == [a, None]

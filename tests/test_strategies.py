@@ -241,3 +241,24 @@ def test_two_stage_scoring_finds_the_same_answer_for_fewer_sentences(ray_cluster
     finally:
         store.close()
     assert sorted(json.loads(d).get("first_sentences", 0) for (d,) in contexts) == [0, 4]
+
+
+def test_kl_proxy_stage_finds_the_same_answer_decoding_fewer_candidates(ray_cluster, tiny_encdec, demo_sources,
+                                                                         tmp_path):
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    run = run_search(config(tmp_path, tiny_encdec, dev, search__fidelity__proxy="kl", search__fidelity__keep=0.5),
+                     log=lambda s: None)
+    trace = json.loads((run / "trace.json").read_text())
+    info = json.loads((run / "run.json").read_text())
+    assert sorted(trace["final"]) == ["dec.2", "enc.1"]
+    n = len(demo_sources)
+    # baseline + per step only the best half by KL is decoded (plain greedy: 16 * n)
+    assert info["budget"]["sentences"] == n + (3 + 3 + 2) * n
+    store = ResultStore(tmp_path / "store.sqlite")
+    try:
+        contexts = {json.loads(d).get("proxy"): c for c, d in store.db.execute("SELECT context, description FROM contexts")}
+        assert set(contexts) == {None, "kl"}
+        proxy_scores = [e.score for e in store.evaluations(contexts["kl"])]
+    finally:
+        store.close()
+    assert len(proxy_scores) == 6 + 5 + 4 and all(s <= 0 for s in proxy_scores)  # negated KL, one per option

@@ -11,10 +11,12 @@ import torch
 from .base import Decoding, FamilyError, ModelFamily, Size, unit_sort_key
 from .decoder import DecoderOnlyFamily
 from .encdec import EncoderDecoderFamily
+from .moe import NllbMoeFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     EncoderDecoderFamily.name: EncoderDecoderFamily,
     DecoderOnlyFamily.name: DecoderOnlyFamily,
+    NllbMoeFamily.name: NllbMoeFamily,
 }
 REFERENCE_MODELS = ("dense", "moe", "llama")
 
@@ -115,7 +117,12 @@ def load_family(spec: ModelSpec) -> ModelFamily:
         raise FamilyError(f"model {spec.name!r} could not be loaded as a local path or hub name "
                           f"({str(e).splitlines()[0][:160]})") from None
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
+    if "moe" in getattr(config, "model_type", ""):
+        from .moe import load_pruned_moe
+
+        model = load_pruned_moe(path, dtype=dtype, **kw).to(device)  # corrected dispatch; pruned exports too
+    else:
+        model = auto.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     if spec.family != "auto":
         cls = FAMILIES[spec.family]

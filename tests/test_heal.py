@@ -1,0 +1,256 @@
+"""Healing: KD data via the evaluator actors, LoRA with Ray Train (2 CPU workers), resume after a
+killed worker, merged export that plain transformers loads, candidate selection and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cullmt_ray.candidate import Candidate
+from cullmt_ray.data import load_devset
+from cullmt_ray.families import Decoding, ModelSpec, load_family
+
+REMOVED = ["dec.1"]  # a real (non-identity) layer of the tiny model
+SHORT = Decoding(max_new_tokens=16, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def kd_pairs(tiny_encdec):
+    """Teacher (unpruned tiny model) translations of demo sentences, both ways: 48 train pairs, 8 val per direction."""
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
+    fam = load_family(ModelSpec(str(tiny_encdec)))
+    train, val = [], []
+    for s, t in (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")):
+        src, ref = list(ds.lines[s][:32]), list(ds.lines[t][:32])
+        hyp = fam.translate(src, s, t, SHORT)
+        train += [{"src_lang": s, "tgt_lang": t, "source": a, "target": b} for a, b in zip(src[:24], hyp[:24])]
+        val.append({"src_lang": s, "tgt_lang": t, "sources": src[24:], "references": ref[24:], "teacher": hyp[24:]})
+    return train, val
+
+
+def settings(**train):
+    from cullmt_ray.heal.config import HealConfig
+
+    cfg = HealConfig()
+    cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.warmup = 8, 3, 5e-3, 1
+    cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.max_len = 3, 3, 64
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return {"train": asdict(cfg.train), "lora": asdict(cfg.lora), "resources": asdict(cfg.resources),
+            "spm": "reference", "metrics": ["spbleu"], "primary": "spbleu", "decoding": asdict(SHORT)}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tiny_encdec, kd_pairs, tmp_path_factory):
+    from cullmt_ray.heal.lora import train_lora
+
+    train, val = kd_pairs
+    out = tmp_path_factory.mktemp("train")
+    return train_lora(ModelSpec(str(tiny_encdec)), REMOVED, train, val, settings(), str(out), "two-workers")
+
+
+def test_two_worker_lora_run_lowers_the_kd_loss(trained):
+    hist = trained.history
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == trained.state["total_steps"] == 9  # 48 pairs / 8 / 2 workers x 3
+    assert all(h["workers"] == 2 for h in hist)
+    assert hist[-1]["val_kd_loss"] < hist[0]["val_kd_loss"] - 0.05, hist
+    assert hist[-1]["train_loss"] < hist[1]["train_loss"]
+    assert trained.state["restarts"] == 0 and trained.state["trainable_params"] > 0
+
+
+def test_export_reloads_with_plain_transformers_and_translates_identically(trained, tiny_encdec, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from cullmt_ray.heal.export import merged_family, save_merged
+
+    sources = list(load_devset("builtin:demo", ["eng_Latn"]).lines["eng_Latn"][40:52])
+    with trained.checkpoint.as_directory() as ck:
+        with merged_family(ModelSpec(str(tiny_encdec)), REMOVED, Path(ck) / "adapter") as fam:
+            size = save_merged(fam, tmp_path / "model", "float32")
+            in_memory = plain_translate(fam.model, fam.tokenizer, sources)
+            batch = fam.tokenizer(sources, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                logits = fam.model(**batch, decoder_input_ids=batch["input_ids"][:, :5]).logits
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.decoder_layers == 2 and model.config.encoder_layers == 3
+    assert not any("lora" in k for k in model.state_dict())
+    assert size["params"] == sum(p.numel() for p in model.parameters())
+    assert plain_translate(model, tok, sources) == in_memory
+    with torch.no_grad():
+        assert torch.equal(model(**batch, decoder_input_ids=batch["input_ids"][:, :5]).logits, logits)
+    base = load_family(ModelSpec(str(tiny_encdec)))
+    with base.apply(REMOVED), torch.no_grad():
+        unhealed = base.model(**batch, decoder_input_ids=batch["input_ids"][:, :5]).logits
+    assert (unhealed - logits).abs().max() > 1e-3  # the merged adapter changed the model
+
+
+def plain_translate(model, tok, sources, src="eng_Latn", tgt="deu_Latn"):
+    tok.src_lang = src
+    with torch.no_grad():
+        out = model.generate(**tok(sources, return_tensors="pt", padding=True), max_new_tokens=16, do_sample=False,
+                             num_beams=1, forced_bos_token_id=tok.convert_tokens_to_ids(tgt))
+    return tok.batch_decode(out, skip_special_tokens=True)
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_encdec, kd_pairs, tmp_path):
+    from cullmt_ray.heal.lora import train_lora
+
+    train, val = kd_pairs
+    flag = tmp_path / "die-once"
+    flag.write_text("worker 1 exits at step 5 while this file exists\n")
+    oc = train_lora(ModelSpec(str(tiny_encdec)), REMOVED, train, val,
+                    settings(epochs=2, checkpoint_every=2, eval_every=0, max_failures=1), str(tmp_path / "train"),
+                    "fault", fault={"file": str(flag), "step": 5, "rank": 1})
+    assert not flag.exists()  # the worker did die
+    assert oc.state["restarts"] == 1 and oc.state["resumed_from"] == [4]
+    assert oc.state["step"] == oc.state["total_steps"] == 6
+    steps = [h["step"] for h in oc.history]
+    assert steps == [0, 2, 4, 6], steps  # the run went on from the step-4 checkpoint: nothing before it redone
+    assert oc.metrics["restarts"] == 1
+
+
+def test_kd_cache_is_resumable_and_reused(ray_cluster, tiny_encdec, tmp_path):
+    from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, Resources
+    from cullmt_ray.families import model_fingerprint
+    from cullmt_ray.heal.kd import KDRequest, teacher_translations
+
+    corpus = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
+    req = KDRequest(model_fingerprint(str(tiny_encdec)), "auto", corpus,
+                    (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")), 10, 0, SHORT)
+    pool = EvaluatorPool(ModelSpec(str(tiny_encdec)), corpus.subsample(4), EvalSettings(spm="reference"),
+                         Resources(actors=2), run="kdtest")
+
+    class Counting:
+        size, jobs, stop_after = pool.size, 0, None
+
+        def translate_many(self, jobs, decoding=None):
+            for key, hyps in pool.translate_many(jobs, decoding):
+                yield key, hyps
+                Counting.jobs += 1
+                if Counting.stop_after is not None and Counting.jobs >= Counting.stop_after:
+                    raise KeyboardInterrupt  # killed after two chunks
+
+    try:
+        Counting.stop_after = 2
+        with pytest.raises(KeyboardInterrupt):
+            teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)
+        folder = tmp_path / "kd" / req.key()
+        assert not (folder / "kd.parquet").exists() and len(list((folder / "parts").glob("*.parquet"))) == 2
+        Counting.stop_after, Counting.jobs = None, 0
+        df, info = teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)
+        assert Counting.jobs == 4 and info["computed"] == 12 and not info["cached"]  # 6 chunks, 2 were done
+        assert len(df) == 20 and set(df.columns) >= {"source", "reference", "teacher"}
+        direct = load_family(ModelSpec(str(tiny_encdec))).translate(list(df.source[:10]), "eng_Latn", "deu_Latn", SHORT)
+        assert list(df.teacher[:10]) == direct
+        Counting.jobs = 0
+        again, info = teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)
+        assert info["cached"] and Counting.jobs == 0 and again.equals(df)
+        other = KDRequest(req.model, "auto", corpus, req.directions, 10, 0, Decoding(max_new_tokens=17))
+        assert other.key() != req.key()  # decoding settings are part of the key
+    finally:
+        pool.shutdown()
+
+
+# ----------------------------------------------------------------------------- candidates and bad input
+@pytest.fixture
+def run_dir(tmp_path, tiny_encdec) -> Path:
+    """A finished search run folder (as cullmt-ray search writes it) over the tiny model."""
+    from cullmt_ray.config import load_config
+
+    cfg = load_config(None, [f"model.name={tiny_encdec}", "data.languages=[eng_Latn, deu_Latn]",
+                             "data.directions=all", "data.max_sentences=8", "metric.spm=reference",
+                             "decoding.max_new_tokens=16", "metric.metrics=[spbleu, bleu]",
+                             f"output.store={tmp_path / 'store.sqlite'}", "name=t"])
+    d = tmp_path / "runs" / "t-1"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (d / "run.json").write_text(json.dumps({"status": "finished", "final": {"removed": ["enc.1", "dec.1"]}}))
+    rows = [{"candidate": Candidate.of(u).key, "n_removed": len(u), "removed_units": " ".join(u)}
+            for u in ([], ["enc.1"], ["enc.1", "dec.1"])]
+    (d / "pareto.json").write_text(json.dumps(rows))
+    return d
+
+
+def test_candidates_from_a_run(run_dir):
+    from cullmt_ray.heal import HealError, select_candidates
+
+    assert select_candidates(run_dir, ["best"]) == [Candidate.of(["enc.1", "dec.1"])]
+    assert select_candidates(run_dir, ["pareto"]) == [Candidate.of(["enc.1"]), Candidate.of(["enc.1", "dec.1"])]
+    key = Candidate.of(["enc.1"]).key
+    assert select_candidates(run_dir, [key[:6], "enc.1", "dec.0,enc.2"]) == [Candidate.of(["enc.1"]),
+                                                                             Candidate.of(["dec.0", "enc.2"])]
+    with pytest.raises(HealError, match="'zzz': no candidate"):
+        select_candidates(run_dir, ["zzz"])
+    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(HealError, match="has not finished"):
+        select_candidates(run_dir, ["best"])
+
+
+CLI = [sys.executable, "-m", "cullmt_ray.cli", "heal"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--candidate", "nope"], "--candidate 'nope': no candidate"),
+    (["--candidate", "enc.9"], "unit 'enc.9' is not in"),
+    (["--mix", "teacher"], "mix='teacher': expected one of kd, refs, both"),
+    (["--set", "lora.r=0"], "lora.r=0: expected > 0"),
+    (["--set", "lora.alpha=big"], "lora.alpha='big': expected an integer"),
+    (["--target-modules", "q_proj,wq"], "lora.target_modules: 'wq' matches no linear layer"),
+    (["--set", "corpus.path=/no/corpus"], "corpus.path='/no/corpus' does not exist"),
+    (["--set", "train.epochs=0"], "train.epochs=0.0: expected > 0"),
+    (["--config", "nope.yaml"], "heal config 'nope.yaml' does not exist"),
+])
+def test_bad_heal_input_is_one_clear_line(args, message, run_dir):
+    demo = Path(__file__).resolve().parents[1] / "cullmt_ray" / "reference" / "demo_dev"
+    env = {**os.environ, "CULLMT_NO_PROGRESS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    base = [str(run_dir), "--set", f"corpus.path={demo}", "--set", "corpus.split=null"]
+    out = subprocess.run(CLI + base + args, capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = out.stderr.strip().splitlines()
+    assert err[-1].startswith("cullmt-ray heal: error:") and message in err[-1], out.stderr[-2000:]
+    assert not (run_dir / "heal").exists()  # nothing half-written
+
+
+def test_heal_without_a_run_folder(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(CLI + [str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "run folder" in out.stderr and "does not exist" in out.stderr
+
+
+def test_heal_pareto_candidates_in_parallel_end_to_end(ray_cluster, run_dir, tmp_path):
+    """KD via the actors, two candidates trained at once (1 worker each on 2 CPUs), merged exports with cards."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from cullmt_ray.heal import load_heal_config, run_heal
+
+    demo = Path(__file__).resolve().parents[1] / "cullmt_ray" / "reference" / "demo_dev"
+    cfg = load_heal_config(None, [f"corpus.path={demo}", "corpus.split=null", "corpus.max_sentences=16",
+                                  f"kd.cache={tmp_path / 'kd'}", "kd.chunk=8", "kd.decoding.max_new_tokens=16",
+                                  "train.batch_size=4", "train.eval_every=0", "train.val_sentences=4",
+                                  "resources.workers=1", "mix=both", "name=e2e", "lora.r=4",
+                                  "lora.target_modules=[q_proj, v_proj]"])
+    heal_dir = run_heal(run_dir, ["pareto"], cfg, log=lambda s: None)
+    status = json.loads((heal_dir / "heal.json").read_text())
+    assert status["status"] == "finished" and status["kd"]["pairs"] == 32 and status["training_pairs"] == 64
+    assert [r["removed"] for r in status["results"]] == [["enc.1"], ["enc.1", "dec.1"]]
+    a, b = (r["training"] for r in status["results"])
+    assert a["started"] < b["finished"] and b["started"] < a["finished"]  # trained at the same time
+    for r in status["results"]:
+        card = json.loads((Path(r["model_dir"]) / "cullmt_ray.json").read_text())
+        assert set(card["scores"]) == {"before_pruning", "after_pruning", "after_healing"}
+        assert card["signatures"]["spbleu"].startswith("nrefs:1") and "tok:spm[" in card["signatures"]["spbleu"]
+        assert card["heal_config"]["mix"] == "both" and card["search_config"]["model"]["name"]
+        assert card["lora_targets"] == ["q_proj", "v_proj"]
+        readme = (Path(r["model_dir"]) / "README.md").read_text()
+        assert "after healing" in readme and r["removed"][0] in readme
+        model = AutoModelForSeq2SeqLM.from_pretrained(r["model_dir"])
+        assert model.config.encoder_layers == 2 and model.config.decoder_layers == 3 - ("dec.1" in r["removed"])
