@@ -108,7 +108,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_encd
     flag = tmp_path / "die-once"
     flag.write_text("worker 1 exits at step 5 while this file exists\n")
     oc = train_lora(ModelSpec(str(tiny_encdec)), REMOVED, train, val,
-                    settings(epochs=2, checkpoint_every=2, eval_every=0, max_failures=1), str(tmp_path / "train"),
+                    settings(epochs=2, checkpoint_every=2, eval_every=0, max_failures=1, word_kd=0.5,
+                             label_smoothing=0.1), str(tmp_path / "train"),
                     "fault", fault={"file": str(flag), "step": 5, "rank": 1})
     assert not flag.exists()  # the worker did die
     assert oc.state["restarts"] == 1 and oc.state["resumed_from"] == [4]

@@ -47,6 +47,7 @@ class TrainConfig:
     warmup: int = 20  # steps
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    word_kd: float = 0.0  # weight of the token-level KL to the unpruned model (word-level KD); 0: sequence-level only
     clip: float = 1.0
     max_len: int = 128  # tokens; longer pairs are skipped
     eval_every: int = 50  # steps between validations on the dev set (0: only before and after)
@@ -168,6 +169,8 @@ def validate_heal(cfg: HealConfig) -> None:
     positive("train.keep_checkpoints", t.keep_checkpoints)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing={t.label_smoothing}: expected 0 <= x < 1")
+    if not 0 <= t.word_kd <= 1:
+        raise ConfigError(f"train.word_kd={t.word_kd}: expected a weight in [0, 1] (0: sequence-level KD only)")
     if t.max_failures < -1:
         raise ConfigError(f"train.max_failures={t.max_failures}: expected >= 0 (or -1 for no limit)")
     lo = cfg.lora

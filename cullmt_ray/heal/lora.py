@@ -205,6 +205,9 @@ def train_loop(config: dict) -> None:
                           t["max_len"])
         if not examples:
             raise ValueError("no training pairs fit train.max_len; raise it or check the corpus")
+        teacher = None
+        if t["word_kd"] > 0:  # the unpruned model, for token-level KL
+            teacher = load_family(spec).model.eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
         steps_per_epoch = len(epoch_batches(examples, t["batch_size"], world, 0, t["seed"])) // world
@@ -249,13 +252,7 @@ def train_loop(config: dict) -> None:
                 for g in optim.param_groups:
                     g["lr"] = lr_at(state["step"], t["lr"], t["warmup"], total)
                 batch = collate([examples[i] for i in b], family.tokenizer.pad_token_id, device)
-                if t["label_smoothing"]:
-                    out = ddp(**{k: v for k, v in batch.items() if k != "labels"},
-                              **({"decoder_input_ids": _decoder_inputs(family, batch["labels"])}
-                                 if not _shifts(family.model) else {}))
-                    loss = _smoothed_loss(out.logits, batch["labels"], t["label_smoothing"], _shifts(family.model))
-                else:
-                    loss = ddp(**batch).loss
+                loss = training_loss(ddp, family, teacher, batch, t["label_smoothing"], t["word_kd"])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, t["clip"])
                 optim.step()
@@ -315,11 +312,31 @@ def _decoder_inputs(family: ModelFamily, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, shift: bool) -> torch.Tensor:
+def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | None, batch: dict,
+                  label_smoothing: float = 0.0, word_kd: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the targets (label-smoothed if asked; the targets are the teacher's translations
+    for sequence-level KD), mixed with ``word_kd`` x the token-level KL(teacher || student) over the
+    same target positions (word-level KD, Kim & Rush 2016)."""
+    if not label_smoothing and not word_kd:
+        return model(**batch).loss
+    shift = _shifts(family.model)
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not shift:
+        inputs["decoder_input_ids"] = _decoder_inputs(family, labels)
+    logits = model(**inputs).logits.float()
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, label_smoothing=smoothing)
+    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                     label_smoothing=label_smoothing)
+    if not word_kd:
+        return ce
+    with torch.no_grad():
+        t_logits = teacher(**inputs).logits.float()
+        lp_t = (t_logits[:, :-1] if shift else t_logits).log_softmax(-1)
+    mask = labels != -100
+    kl = (lp_t.exp() * (lp_t - logits.log_softmax(-1))).sum(-1)[mask].mean()
+    return (1 - word_kd) * ce + word_kd * kl
 
 
 # ----------------------------------------------------------------------------- the driver side
