@@ -118,6 +118,12 @@ class ExpertsConfig:
     min_per_layer: int = 1
     enc_dec_ratio: float = 3.0  # kept encoder : decoder experts
     granularity: str = "language"  # language | pair
+    # Controls scored beside each selection, same rate and experts per layer: random (random experts
+    # in each layer) | reverse (the selection made for the reverse direction: other languages' experts)
+    controls: list[str] = field(default_factory=list)
+
+
+EXPERT_CONTROLS = ("random", "reverse")
 
 
 @dataclass
@@ -244,6 +250,9 @@ def validate(cfg: SearchRunConfig) -> None:
     for r in ex.rates:
         if not 0 < r < 1:
             raise ConfigError(f"experts.rates: {r} is not a fraction of experts removed in (0, 1)")
+    bad = [c for c in ex.controls if c not in EXPERT_CONTROLS]
+    if bad:
+        raise ConfigError(f"experts.controls: {bad[0]!r} is not one of {', '.join(EXPERT_CONTROLS)}")
     if ex.stats_sentences is not None and ex.stats_sentences < 1:
         raise ConfigError(f"experts.stats_sentences={ex.stats_sentences}: expected >= 1 (or null for all)")
     from .experts import Selection

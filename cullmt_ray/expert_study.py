@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from itertools import combinations
@@ -63,15 +65,21 @@ def run_expert_study(cfg: SearchRunConfig, export: list[str] = (), log: Callable
             for d in dirs:
                 st = side_stats(stats, d[0], d[1], ex.granularity)
                 plans.append((rate, d, select(st, present, sel)))
+        controls = _controls(plans, present, ex.controls, cfg.data.seed)
         (baseline,) = session.evaluate([BASELINE], "baseline")
-        rows = []
+        rows, control_rows = [], []
         for d in dirs:
             es = session.evalset([d])
             mine = [p for p in plans if p[1] == d]
-            evs = session.evaluate([Candidate.of(p[2]) for p in mine], "experts", es)
+            theirs = [c for c in controls if c[2] == d]
+            evs = session.evaluate([Candidate.of(p[2]) for p in mine] + [Candidate.of(c[3]) for c in theirs],
+                                   "experts", es)
             name = direction_name(d)
             base = baseline.metrics[cfg.metric.primary][name]
-            for (rate, _, removed), ev in zip(mine, evs):
+            for (kind, rate, _, removed), ev in zip(theirs, evs[len(mine):]):
+                control_rows.append({"control": kind, "rate": rate, "direction": name, "experts_removed": len(removed),
+                                     "score": ev.score, "loss": round(base - ev.score, 4), "removed": removed})
+            for (rate, _, removed), ev in zip(mine, evs[: len(mine)]):
                 rows.append({"rate": rate, "direction": name, "experts_removed": len(removed),
                              "experts_total": len(info["units"]), "params": ev.params, "bytes": ev.bytes,
                              "bytes_kept_fraction": round(ev.bytes / baseline.bytes, 4), "score": ev.score,
@@ -80,6 +88,7 @@ def run_expert_study(cfg: SearchRunConfig, export: list[str] = (), log: Callable
             log(f"[cullmt-ray] {name}: " + ", ".join(f"{r['rate']:.0%} -> {r['score']:.2f}" for r in rows
                                                        if r["direction"] == name))
         report = _report(cfg, rows, plans, baseline, session.calibration.description["signatures"], present)
+        report["controls"] = _control_summary(ex.controls, ex.rates, rows, control_rows)
         exported = {}
         for spec in export:
             exported[spec] = str(_export(session, spec, plans, run_dir, report))
@@ -137,6 +146,36 @@ def _report(cfg: SearchRunConfig, rows: list[dict], plans: list, baseline, signa
             "kept_overlap_jaccard": overlap, "rows": rows}
 
 
+def _controls(plans: list, present: dict[str, list[int]], kinds: list[str], seed: int) -> list[tuple]:
+    """(kind, rate, direction, removed) for each control and each (rate, direction) selection.
+
+    ``random`` removes as many experts from each layer as the selection does, chosen at random;
+    ``reverse`` removes what the selection for the reverse direction removes (at language granularity:
+    the target language's encoder experts and the source language's decoder experts)."""
+    out = []
+    by_key = {(rate, d): removed for rate, d, removed in plans}
+    for rate, d, removed in plans:
+        if "random" in kinds:
+            rng = random.Random(f"{seed}|{rate}|{direction_name(d)}")
+            per_layer = Counter(split_unit(u)[0] for u in removed)
+            out.append(("random", rate, d, sorted(f"{layer}.expert.{e}" for layer, n in per_layer.items()
+                                                  for e in rng.sample(present[layer], n))))
+        if "reverse" in kinds and (rate, (d[1], d[0])) in by_key:
+            out.append(("reverse", rate, d, by_key[(rate, (d[1], d[0]))]))
+    return out
+
+
+def _control_summary(kinds: list[str], rates: list[float], rows: list[dict], control_rows: list[dict]) -> dict:
+    """Mean loss per rate of the gate-statistics selection and of each control, plus the control rows."""
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    table = [{"rate": rate, "selection": mean([r["loss"] for r in rows if r["rate"] == rate]),
+              **{k: mean([c["loss"] for c in control_rows if c["rate"] == rate and c["control"] == k]) for k in kinds}}
+             for rate in rates]
+    return {"kinds": list(kinds), "mean_loss": table, "rows": control_rows}
+
+
 def _export(session, spec: str, plans: list, run_dir: Path, report: dict) -> Path:
     """``eng_Latn-deu_Latn@0.5``: the model pruned for that direction at that rate."""
     name, _, rate = spec.partition("@")
@@ -173,4 +212,11 @@ def _markdown(rep: dict) -> str:
     for rate, sides in rep["kept_overlap_jaccard"].items():
         for side, pairs in sides.items():
             out.append(f"- {float(rate):.0%} {side}: " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items()))
+    kinds = rep.get("controls", {}).get("kinds", [])
+    if kinds:
+        out += ["", "Controls: mean loss of the gate-statistics selection vs the same number of experts per layer "
+                "chosen at random, and vs the selection made for the reverse direction (other languages' experts):", "",
+                "| removed | gate statistics | " + " | ".join(kinds) + " |", "| --- | --- |" + " --- |" * len(kinds)]
+        out += [f"| {t['rate']:.0%} | {t['selection']:.2f} | " + " | ".join(
+            "-" if t[k] is None else f"{t[k]:.2f}" for k in kinds) + " |" for t in rep["controls"]["mean_loss"]]
     return "\n".join(out) + "\n"

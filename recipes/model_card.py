@@ -61,9 +61,20 @@ def card(model_dir: Path, config_path: Path, scores: dict, target: float | None,
               else cfg["train"]["epochs"])
     sigs = "\n".join(f"- {m}: `{s}`" for m, s in scores["signatures"].items())
     model_cfg = "\n".join(f"  {k}: {v}" for k, v in cfg["model"].items())
+    ini = cfg.get("init_from")
+    origin = ("trained from scratch by cullmt-ray" if not ini else
+              f"trained by cullmt-ray, started (sparse upcycling, `recipes/upcycle.py`) from `{ini['model']}`, "
+              "itself trained from scratch")
+    init_line = "" if not ini else (
+        f"- **Initialisation:** encoder layers {ini['encoder_layers']} and decoder layers {ini['decoder_layers']} "
+        f"of `{ini['model']}` with its embeddings; each expert a copy of its layer's feed-forward block"
+        + (f" with a different {ini['expert_drop']:.0%} of its hidden units re-initialised (Drop-Upcycling)"
+           if ini.get("expert_drop") else "")
+        + (f", times (1 + {ini['expert_noise']} N(0, 1))" if ini.get("expert_noise") else "")
+        + "; routers initialised fresh. Validation at step 0 is this starting point.\n")
     return f"""# cullmt-ray reference model: {model_dir.name}
 
-A small multilingual translation model trained from scratch by cullmt-ray, shipped so that the
+A small multilingual translation model {origin}, shipped so that the
 embedded default works offline and on CPU. It is a research artefact for pruning experiments,
 not a production translator.
 
@@ -78,7 +89,7 @@ not a production translator.
 - **Data:** Multi30k task 1 train (29,000 captions, 4-way parallel), directions
   {', '.join(cfg['data']['directions'])}; {len(cfg['data']['directions']) * 29000:,} pairs per epoch.
   Checkpoints were picked on Multi30k `val` only; `test_2016_flickr` was never used in training.
-- **Training:** {train['step']} steps ({epochs} epoch(s) of
+{init_line}- **Training:** {train['step']} steps ({epochs} epoch(s) of
   ~{cfg['train']['max_tokens']} padded tokens per batch), AdamW, peak lr {cfg['train']['lr']}, cosine decay,
   label smoothing {cfg['train']['label_smoothing']}, bf16 autocast on CPU; {train['seconds'] / 60:.0f} minutes on
   2 CPU cores; best val mean BLEU {train['best']:.2f} (150 sentences per direction, greedy).
@@ -96,7 +107,7 @@ Signatures (sacrebleu {scores['signatures'][metrics[0]].split('version:')[-1]}):
 
 ```bash
 python recipes/train_tokenizer.py --config recipes/configs/tokenizer.yaml      # once, ~10 s
-python recipes/train_reference.py --config {config_path}                        # resumable
+{"python recipes/train_reference.py --config recipes/configs/dense.yaml          # the model it starts from" + chr(10) if ini else ""}python recipes/train_reference.py --config {config_path}                        # resumable
 cullmt-ray evaluate --model reference:{model_dir.name} --dev ../shared/data/multi30k --split test_2016_flickr \\
     --directions english-centric --max-sentences all --json results/reference/{model_dir.name}_test.json
 python recipes/model_card.py --model {model_dir} --config {config_path} \\

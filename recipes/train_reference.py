@@ -64,6 +64,21 @@ def build_model(cfg: dict, tok) -> torch.nn.Module:
     raise SystemExit(f"unknown arch {arch!r}: expected m2m100, nllb_moe or llama")
 
 
+def init_from_dense(model: torch.nn.Module, cfg: dict) -> None:
+    """Sparse upcycling (``init_from`` in the config, NLLB-MoE only): see ``upcycle.py``."""
+    from transformers import AutoModelForSeq2SeqLM
+    from upcycle import upcycle
+
+    ini = cfg["init_from"]
+    if cfg["arch"] != "nllb_moe":
+        raise SystemExit(f"init_from: only for arch nllb_moe, not {cfg['arch']!r}")
+    dense = AutoModelForSeq2SeqLM.from_pretrained(ini["model"], dtype=torch.float32)
+    counts = upcycle(model, dense, ini["encoder_layers"], ini["decoder_layers"],
+                     float(ini.get("expert_noise", 0.0)), cfg.get("seed", 0), float(ini.get("expert_drop", 0.0)))
+    print(f"initialised from {ini['model']} (encoder layers {ini['encoder_layers']}, decoder layers "
+          f"{ini['decoder_layers']}): {counts}", flush=True)
+
+
 # ----------------------------------------------------------------------------- data
 def load_pairs(cfg: dict, split: str) -> list[tuple[str, str, list[str], list[str]]]:
     """(src_code, tgt_code, src_lines, tgt_lines) for every configured direction."""
@@ -202,6 +217,8 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(cfg["tokenizer"])
     model = build_model(cfg, tok)
+    if cfg.get("init_from") and not (Path(cfg["checkpoint_dir"]) / "last.pt").exists():
+        init_from_dense(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg['arch']}: {n_params / 1e6:.2f}M parameters", flush=True)
     examples = encode_examples(cfg, tok, "train")
@@ -221,6 +238,10 @@ def main() -> None:
         state = ck["state"]
         print(f"resumed from {last} at step {state['step']}", flush=True)
 
+    if cfg.get("init_from") and state["step"] == 0 and not state["history"]:  # the upcycled starting point
+        scores = validate(cfg, model, tok, opt_cfg.get("eval_sentences", 200))
+        state["history"].append({"step": 0, **scores})
+        print(f"val BLEU at step 0: {json.dumps(scores)}", flush=True)
     epochs = opt_cfg["epochs"]
     steps_per_epoch = len(make_batches(examples, opt_cfg["max_tokens"], 0))
     total = epochs * steps_per_epoch

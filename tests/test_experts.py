@@ -3,6 +3,8 @@ count, selection rules, export/reload round trips, and the `experts` study on Ra
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 from pathlib import Path
 
@@ -171,7 +173,7 @@ def test_expert_study_on_ray_writes_report_and_export(ray_cluster, tiny_moe, tmp
 
     dev = write_self_reference_devset(tiny_moe, tmp_path / "dev", SRC)
     cfg = search_config(tmp_path, tiny_moe, dev, experts__rates="[0.25, 0.5]", decoding__max_new_tokens=24,
-                        name="x")
+                        experts__controls="[random, reverse]", name="x")
     run = run_expert_study(cfg, ["eng_Latn-deu_Latn@0.5"], log=lambda s: None)
     rep = json.loads((run / "experts.json").read_text())
     stats = json.loads((run / "gate_stats.json").read_text())
@@ -185,4 +187,23 @@ def test_expert_study_on_ray_writes_report_and_export(ray_cluster, tiny_moe, tmp
     reloaded = load_family(ModelSpec(exported))
     missing = json.loads((Path(exported) / "config.json").read_text()).get("cullmt_missing_experts", {})
     assert reloaded.size().params == rows[0.5]["params"] + 64 * sum(len(v) for v in missing.values())  # router rows
-    assert (run / "experts.md").read_text().startswith("# Expert pruning")
+    md = (run / "experts.md").read_text()
+    assert md.startswith("# Expert pruning") and "| removed | gate statistics | random | reverse |" in md
+    # controls: random experts with the selection's count per layer; no reverse direction in this run
+    ctl = rep["controls"]["rows"]
+    assert [c["control"] for c in ctl] == ["random", "random"]
+    for c in ctl:
+        mine = next(r for r in rep["rows"] if r["rate"] == c["rate"])
+        assert Counter(u.rsplit(".expert.", 1)[0] for u in c["removed"]) == \
+            Counter(u.rsplit(".expert.", 1)[0] for u in mine["removed"])
+        assert c["loss"] == round(rep["baseline"]["score"] - c["score"], 4)
+    assert [t["reverse"] for t in rep["controls"]["mean_loss"]] == [None, None]
+
+
+def test_expert_controls_are_validated(tmp_path):
+    from cullmt_ray.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("experts:\n  controls: [random, shuffled]\n")
+    with pytest.raises(ConfigError, match=r"experts.controls: 'shuffled' is not one of random, reverse"):
+        load_config(path)

@@ -46,6 +46,7 @@ def test_reference_tokenizer_is_nllb_like_and_round_trips():
 def test_recipe_trains_a_few_steps_and_resumes(arch, tmp_path):
     cfg = yaml.safe_load((REPO / "recipes" / "configs" / f"{arch}.yaml").read_text())
     cfg["model"] = TINY[arch]
+    cfg.pop("init_from", None)  # the shipped MoE starts from the dense reference: tested below
     cfg["tokenizer"] = str(TOKENIZER_DIR)
     cfg["checkpoint_dir"] = str(tmp_path / "ck")
     cfg["output_dir"] = str(tmp_path / "out")
@@ -63,3 +64,57 @@ def test_recipe_trains_a_few_steps_and_resumes(arch, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
     assert "finished at step 5" in second.stdout
+
+
+def test_upcycled_moe_computes_the_dense_model_without_the_layers_left_out():
+    """init_from with no noise: every expert is the dense layer's FFN, so the MoE's logits equal those of
+    the dense model with the unpicked layers removed; with noise the experts differ from each other."""
+    import importlib.util
+
+    import torch
+    from transformers import (
+        M2M100Config,
+        M2M100ForConditionalGeneration,
+        NllbMoeConfig,
+        NllbMoeForConditionalGeneration,
+    )
+
+    from cullmt_ray.families import nllb_moe_fix
+
+    nllb_moe_fix.install()
+    spec = importlib.util.spec_from_file_location("upcycle", REPO / "recipes" / "upcycle.py")
+    up = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(up)
+    shape = dict(vocab_size=50, d_model=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                 decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    dense = M2M100ForConditionalGeneration(M2M100Config(encoder_layers=4, decoder_layers=3, **shape)).eval()
+    moe_cfg = NllbMoeConfig(encoder_layers=2, decoder_layers=2, num_experts=4, expert_capacity=1000,
+                            encoder_sparse_step=2, decoder_sparse_step=2, moe_token_dropout=0.0, **shape)
+    moe = NllbMoeForConditionalGeneration(moe_cfg).eval()
+    counts = up.upcycle(moe, dense, [0, 3], [1, 2])
+    assert counts["expert"] == 2 * 4 * 4  # 2 sparse layers x 4 experts x (fc1, fc2) x (weight, bias)
+    pruned = M2M100ForConditionalGeneration(M2M100Config(encoder_layers=4, decoder_layers=3, **shape)).eval()
+    pruned.load_state_dict(dense.state_dict())
+    pruned.model.encoder.layers = torch.nn.ModuleList([pruned.model.encoder.layers[i] for i in (0, 3)])
+    pruned.model.decoder.layers = torch.nn.ModuleList([pruned.model.decoder.layers[i] for i in (1, 2)])
+    ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 2, 1, 1]])
+    dec = torch.tensor([[2, 11, 12], [2, 13, 14]])
+    with torch.no_grad():
+        want = pruned(input_ids=ids, attention_mask=(ids != 1).long(), decoder_input_ids=dec).logits
+        got = moe(input_ids=ids, attention_mask=(ids != 1).long(), decoder_input_ids=dec).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    noisy = NllbMoeForConditionalGeneration(moe_cfg)
+    up.upcycle(noisy, dense, [0, 3], [1, 2], expert_noise=0.01)
+    experts = noisy.model.encoder.layers[1].ffn.experts
+    assert not torch.equal(experts["expert_0"].fc1.weight, experts["expert_1"].fc1.weight)
+    dropped = NllbMoeForConditionalGeneration(moe_cfg)
+    up.upcycle(dropped, dense, [0, 3], [1, 2], expert_drop=0.5)
+    src = dense.model.encoder.layers[3].fc1.weight
+    kept = [(dropped.model.encoder.layers[1].ffn.experts[f"expert_{e}"].fc1.weight == src).all(1) for e in range(4)]
+    assert all(int(k.sum()) == 32 for k in kept)  # half of the 64 hidden units keep the dense weights
+    assert len({tuple(k.tolist()) for k in kept}) == 4  # a different half in each expert
+    fc2 = dropped.model.encoder.layers[1].ffn.experts["expert_0"].fc2.weight
+    assert torch.equal(fc2[:, kept[0]], dense.model.encoder.layers[3].fc2.weight[:, kept[0]])
+    with pytest.raises(ValueError, match=r"init_from.encoder_layers: 7 is not a layer"):
+        up.upcycle(noisy, dense, [0, 7], [1, 2])
