@@ -1,8 +1,9 @@
 """Healing ablations on the demo: the dense reference model without the 3 layers greedy removes first
-(enc.1, enc.3, enc.5), healed with LoRA on KD data only, references only, and both; scored on
-Multi30k test_2016_flickr (all 1,000 sentences, 6 English-centric directions).
+(enc.1, enc.3, enc.5), healed with LoRA on KD data only (the recipe's loss, and plain cross-entropy),
+references only (no teacher) and both; scored on Multi30k test_2016_flickr (all 1,000 sentences,
+6 English-centric directions).
 
-    python bench/bench_heal.py [--run RUN_DIR] [--mixes kd,refs,both] [--config search_spaces/heal_demo.yaml]
+    python bench/bench_heal.py [--run RUN_DIR] [--ablations kd,kd-seq,refs,both] [--config search_spaces/heal_demo.yaml]
 
 Without --run it runs the greedy search first (search_spaces/demo_dense.yaml, --target-removed 3).
 Target: healing recovers >= 50% of the BLEU lost by pruning within 15 CPU-minutes. CPU time is
@@ -24,6 +25,12 @@ from common import REPO, parser, save
 
 os.environ.setdefault("CULLMT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# name -> recipe overrides. The recipe's loss is token-level KL to the unpruned model (train.word_kd: 1);
+# kd-seq and refs use plain cross-entropy (word_kd 0): sequence-level KD only, and no teacher at all.
+ABLATIONS = {"kd": ["mix=kd"], "kd-seq": ["mix=kd", "train.word_kd=0"], "refs": ["mix=refs", "train.word_kd=0"],
+             "both": ["mix=both"]}
 
 
 class CpuMeter:
@@ -65,7 +72,8 @@ class CpuMeter:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--run", help="a search run folder (default: run the greedy search now)")
-    ap.add_argument("--mixes", default="kd,refs,both")
+    ap.add_argument("--ablations", default="kd,kd-seq,refs,both",
+                    help=f"comma-separated, from {', '.join(ABLATIONS)}")
     ap.add_argument("--config", default=str(REPO / "search_spaces" / "heal_demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
@@ -94,14 +102,18 @@ def main() -> None:
     print(f"[bench] prune set {info['final']['removed']}", flush=True)
 
     ablations = {}
-    for mix in [m.strip() for m in args.mixes.split(",") if m.strip()]:
+    names = [m.strip() for m in args.ablations.split(",") if m.strip()]
+    bad = [n for n in names if n not in ABLATIONS]
+    if bad:
+        raise SystemExit(f"--ablations: {bad[0]!r} is not one of {', '.join(ABLATIONS)}")
+    for mix in names:
         marks: list[tuple[str, float, float]] = []
 
         def log(msg: str, marks=marks) -> None:
             marks.append((msg[:100], time.time(), meter.total()))
             print(msg, flush=True)
 
-        cfg = load_heal_config(args.config, [*args.overrides, f"mix={mix}", f"name=bench-{mix}",
+        cfg = load_heal_config(args.config, [*args.overrides, *ABLATIONS[mix], f"name=bench-{mix}",
                                              f"kd.cache={scratch / 'kd'}", f"evaluate.store={scratch / 'store.sqlite'}"])
         cpu0, t0 = meter.total(), time.time()
         heal_dir = run_heal(run_dir, ["best"], cfg, log=log)
@@ -109,9 +121,16 @@ def main() -> None:
         status = json.loads((heal_dir / "heal.json").read_text())
         (res,) = status["results"]
         rec = res["recovered"]
-        # CPU up to the first 'training' line = start + KD + scores before; after the last = export + scores after
-        train_start = next((c for m, _, c in marks if m.startswith("[cullmt-ray heal] training")), cpu0)
+        # CPU per stage from the pipeline's log lines: start + KD data | scores before/after pruning |
+        # training + export | scores after healing
+        def at(prefix: str, default: float) -> float:
+            return next((c for m, _, c in marks if m.startswith(prefix)), default)
+
+        kd_done = max((c for m, _, c in marks if m.startswith("[cullmt-ray heal] KD data:")), default=cpu0)
+        train_start = at("[cullmt-ray heal] training", cpu0)
+        exported = at("[cullmt-ray heal] exported", cpu0 + cpu)
         ablations[mix] = {
+            "overrides": ABLATIONS[mix], "mix": cfg.mix, "word_kd": cfg.train.word_kd,
             "heal_dir": str(heal_dir), "removed": res["removed"],
             "bleu": rec["bleu"], "spbleu": rec["spbleu"], "chrf++": rec["chrf++"],
             "target_bleu_recovered_50pct": (rec["bleu"]["fraction"] or 0) >= 0.5,
@@ -120,7 +139,11 @@ def main() -> None:
             "kd": status.get("kd"), "training_pairs": status.get("training_pairs"),
             "training": res["training"], "stages_wall_seconds": status.get("stages_seconds"),
             "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "cpu_minutes": round(cpu / 60, 2),
-            "cpu_seconds_before_training": round(train_start - cpu0, 1),
+            "cpu_seconds_by_stage": {"start_and_kd_data": round(kd_done - cpu0, 1),
+                                     "scores_before_and_after_pruning": round(train_start - kd_done, 1),
+                                     "train_and_export": round(exported - train_start, 1),
+                                     "scores_after_healing": round(cpu0 + cpu - exported, 1)},
+            "cpu_minutes_heal_without_scoring": round((kd_done - cpu0 + exported - train_start) / 60, 2),
             "signatures": res["signatures"],
         }
         print(f"[bench] {mix}: BLEU {rec['bleu']['before_pruning']:.2f} -> {rec['bleu']['after_pruning']:.2f} pruned "

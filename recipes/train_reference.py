@@ -73,8 +73,11 @@ def init_from_dense(model: torch.nn.Module, cfg: dict) -> None:
     if cfg["arch"] != "nllb_moe":
         raise SystemExit(f"init_from: only for arch nllb_moe, not {cfg['arch']!r}")
     dense = AutoModelForSeq2SeqLM.from_pretrained(ini["model"], dtype=torch.float32)
-    counts = upcycle(model, dense, ini["encoder_layers"], ini["decoder_layers"],
-                     float(ini.get("expert_noise", 0.0)), cfg.get("seed", 0), float(ini.get("expert_drop", 0.0)))
+    try:
+        counts = upcycle(model, dense, ini["encoder_layers"], ini["decoder_layers"],
+                         float(ini.get("expert_noise", 0.0)), cfg.get("seed", 0), float(ini.get("expert_drop", 0.0)))
+    except (ValueError, KeyError) as e:
+        raise SystemExit(str(e).strip("'\"")) from None
     print(f"initialised from {ini['model']} (encoder layers {ini['encoder_layers']}, decoder layers "
           f"{ini['decoder_layers']}): {counts}", flush=True)
 

@@ -66,6 +66,47 @@ def test_recipe_trains_a_few_steps_and_resumes(arch, tmp_path):
     assert "finished at step 5" in second.stdout
 
 
+def _tiny_recipe(tmp_path, arch: str, name: str) -> tuple[dict, list[str]]:
+    cfg = yaml.safe_load((REPO / "recipes" / "configs" / f"{arch}.yaml").read_text())
+    cfg["model"] = TINY[arch]
+    cfg.pop("init_from", None)
+    cfg["tokenizer"] = str(TOKENIZER_DIR)
+    cfg["checkpoint_dir"] = str(tmp_path / name / "ck")
+    cfg["output_dir"] = str(tmp_path / name / "out")
+    cfg["data"].update(dir=str(SHARED_DATA / "multi30k"), limit=48, directions=["eng_Latn-deu_Latn"])
+    cfg["train"].update(max_tokens=400, eval_every=1000, eval_sentences=2, checkpoint_every=2, warmup=1, threads=1)
+    return cfg, [sys.executable, str(REPO / "recipes" / "train_reference.py"), "--config"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "multi30k").exists(), reason="../shared/data not present")
+def test_moe_recipe_starts_from_a_dense_checkpoint(tmp_path):
+    """init_from: the MoE recipe loads a dense checkpoint, validates the starting point, trains, and a
+    second run resumes from its own checkpoint instead of upcycling again."""
+    dense, script = _tiny_recipe(tmp_path, "dense", "dense")
+    (tmp_path / "dense.yaml").write_text(yaml.safe_dump(dense))
+    ran = subprocess.run([*script, str(tmp_path / "dense.yaml"), "--max-steps", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    moe, _ = _tiny_recipe(tmp_path, "moe", "moe")
+    moe["init_from"] = {"model": dense["output_dir"], "encoder_layers": [0, 0], "decoder_layers": [0, 0],
+                        "expert_drop": 0.5}
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(moe))
+    first = subprocess.run([*script, str(tmp_path / "moe.yaml"), "--max-steps", "2"], capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"initialised from {dense['output_dir']}" in first.stdout and "val BLEU at step 0" in first.stdout
+    second = subprocess.run([*script, str(tmp_path / "moe.yaml"), "--max-steps", "3"], capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "initialised from" not in second.stdout
+    moe["init_from"]["encoder_layers"] = [0, 5]
+    moe["checkpoint_dir"] = str(tmp_path / "moe2")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(moe))
+    bad = subprocess.run([*script, str(tmp_path / "bad.yaml"), "--max-steps", "1"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "init_from.encoder_layers: 5 is not a layer of the dense model" in bad.stderr
+
+
 def test_upcycled_moe_computes_the_dense_model_without_the_layers_left_out():
     """init_from with no noise: every expert is the dense layer's FFN, so the MoE's logits equal those of
     the dense model with the unpicked layers removed; with noise the experts differ from each other."""

@@ -355,6 +355,7 @@ def _heal(run_dir, run_cfg, cfg, cands, directions, corpus, eval_cfg, val_ds, he
         results.append({"candidate": c, "folder": label(c), "model_dir": str((out / "model").resolve()), "size": size,
                         "targets": targets, "outcome": oc})
     lap("export")
+    log(f"[cullmt-ray heal] exported {len(results)} model(s); scoring them on {eval_desc['source']}")
     final = []
     for r in results:
         c = r["candidate"]
