@@ -221,24 +221,31 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SearchRunConfig:
-    """Read a YAML config (or the defaults), apply ``key.sub=value`` overrides, validate."""
-    data: dict = {}
+def read_yaml(path: str | Path | None, overrides: list[str] | None, data: dict | None = None, *,
+              kind: str = "config", example: str = "search_spaces/demo_dense.yaml",
+              example_override: str = "search.threshold=1.5") -> dict:
+    """The YAML at ``path`` (or ``data``, or nothing) as a dict, with ``key.sub=value`` overrides applied;
+    a missing file, bad YAML or a malformed override is a one-line :class:`ConfigError`."""
+    data = dict(data or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config {str(path)!r} does not exist; expected a YAML file such as "
-                              "search_spaces/demo_dense.yaml")
+            raise ConfigError(f"{kind} {str(path)!r} does not exist; expected a YAML file such as {example}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{kind} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. search.threshold=1.5")
+            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. {example_override}")
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    cfg = from_dict(SearchRunConfig, data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SearchRunConfig:
+    """Read a YAML config (or the defaults), apply ``key.sub=value`` overrides, validate."""
+    cfg = from_dict(SearchRunConfig, read_yaml(path, overrides))
     validate(cfg)
     return cfg
 

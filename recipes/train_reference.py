@@ -220,8 +220,6 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(cfg["tokenizer"])
     model = build_model(cfg, tok)
-    if cfg.get("init_from") and not (Path(cfg["checkpoint_dir"]) / "last.pt").exists():
-        init_from_dense(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg['arch']}: {n_params / 1e6:.2f}M parameters", flush=True)
     examples = encode_examples(cfg, tok, "train")
@@ -240,11 +238,12 @@ def main() -> None:
         optim.load_state_dict(ck["optim"])
         state = ck["state"]
         print(f"resumed from {last} at step {state['step']}", flush=True)
-
-    if cfg.get("init_from") and state["step"] == 0 and not state["history"]:  # the upcycled starting point
+    elif cfg.get("init_from"):  # upcycle, and validate the starting point
+        init_from_dense(model, cfg)
         scores = validate(cfg, model, tok, opt_cfg.get("eval_sentences", 200))
         state["history"].append({"step": 0, **scores})
         print(f"val BLEU at step 0: {json.dumps(scores)}", flush=True)
+
     epochs = opt_cfg["epochs"]
     steps_per_epoch = len(make_batches(examples, opt_cfg["max_tokens"], 0))
     total = epochs * steps_per_epoch

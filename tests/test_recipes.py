@@ -41,21 +41,29 @@ def test_reference_tokenizer_is_nllb_like_and_round_trips():
     assert tok.convert_ids_to_tokens(tok("Ein Hund.")["input_ids"])[1:3] == ["▁Ein", "▁Hund"]
 
 
+def _tiny_recipe(tmp_path, arch: str, name: str, directions: list[str] | None = None,
+                 warmup: int = 1) -> tuple[dict, list[str]]:
+    """The shipped recipe for ``arch`` shrunk to a tiny model on 48 Multi30k lines, writing under tmp_path/name;
+    returns it and the command line up to ``--config`` (the shipped MoE's ``init_from`` is dropped)."""
+    cfg = yaml.safe_load((REPO / "recipes" / "configs" / f"{arch}.yaml").read_text())
+    cfg["model"] = TINY[arch]
+    cfg.pop("init_from", None)
+    cfg["tokenizer"] = str(TOKENIZER_DIR)
+    cfg["checkpoint_dir"] = str(tmp_path / name / "ck")
+    cfg["output_dir"] = str(tmp_path / name / "out")
+    cfg["data"].update(dir=str(SHARED_DATA / "multi30k"), limit=48, directions=directions or ["eng_Latn-deu_Latn"])
+    cfg["train"].update(max_tokens=400, eval_every=1000, eval_sentences=2, checkpoint_every=2, warmup=warmup,
+                        threads=1)
+    return cfg, [sys.executable, str(REPO / "recipes" / "train_reference.py"), "--config"]
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "multi30k").exists(), reason="../shared/data not present")
 @pytest.mark.parametrize("arch", ["dense", "moe", "llama"])
 def test_recipe_trains_a_few_steps_and_resumes(arch, tmp_path):
-    cfg = yaml.safe_load((REPO / "recipes" / "configs" / f"{arch}.yaml").read_text())
-    cfg["model"] = TINY[arch]
-    cfg.pop("init_from", None)  # the shipped MoE starts from the dense reference: tested below
-    cfg["tokenizer"] = str(TOKENIZER_DIR)
-    cfg["checkpoint_dir"] = str(tmp_path / "ck")
-    cfg["output_dir"] = str(tmp_path / "out")
-    cfg["data"].update(dir=str(SHARED_DATA / "multi30k"), limit=48,
-                       directions=["eng_Latn-deu_Latn", "deu_Latn-eng_Latn"])
-    cfg["train"].update(max_tokens=400, eval_every=1000, eval_sentences=2, checkpoint_every=2, warmup=2, threads=1)
+    cfg, script = _tiny_recipe(tmp_path, arch, arch, ["eng_Latn-deu_Latn", "deu_Latn-eng_Latn"], warmup=2)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    script = [sys.executable, str(REPO / "recipes" / "train_reference.py"), "--config", str(path)]
+    script = [*script, str(path)]
     first = subprocess.run(script + ["--max-steps", "3"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "finished at step 3" in first.stdout and Path(cfg["checkpoint_dir"], "last.pt").exists()
@@ -64,18 +72,6 @@ def test_recipe_trains_a_few_steps_and_resumes(arch, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
     assert "finished at step 5" in second.stdout
-
-
-def _tiny_recipe(tmp_path, arch: str, name: str) -> tuple[dict, list[str]]:
-    cfg = yaml.safe_load((REPO / "recipes" / "configs" / f"{arch}.yaml").read_text())
-    cfg["model"] = TINY[arch]
-    cfg.pop("init_from", None)
-    cfg["tokenizer"] = str(TOKENIZER_DIR)
-    cfg["checkpoint_dir"] = str(tmp_path / name / "ck")
-    cfg["output_dir"] = str(tmp_path / name / "out")
-    cfg["data"].update(dir=str(SHARED_DATA / "multi30k"), limit=48, directions=["eng_Latn-deu_Latn"])
-    cfg["train"].update(max_tokens=400, eval_every=1000, eval_sentences=2, checkpoint_every=2, warmup=1, threads=1)
-    return cfg, [sys.executable, str(REPO / "recipes" / "train_reference.py"), "--config"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "multi30k").exists(), reason="../shared/data not present")

@@ -11,9 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError, DecodingConfig, _set_path, from_dict
+from ..config import ConfigError, DecodingConfig, from_dict, read_yaml
 
 MIXES = ("kd", "refs", "both")
 
@@ -117,21 +115,8 @@ EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 def load_heal_config(path: str | Path | None = None, overrides: list[str] | None = None,
                      data: dict | None = None) -> HealConfig:
     """A heal recipe from YAML (or ``data``, or the defaults) with ``key.sub=value`` overrides, validated."""
-    data = dict(data or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"heal config {str(path)!r} does not exist; expected a YAML file such as "
-                              "search_spaces/heal_demo.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"heal config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. lora.r=8")
-        key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    data = read_yaml(path, overrides, data, kind="heal config", example="search_spaces/heal_demo.yaml",
+                     example_override="lora.r=8")
     cfg = from_dict(HealConfig, data)
     validate_heal(cfg)
     return cfg
