@@ -1,9 +1,9 @@
 """Healing ablations on the demo: the dense reference model without the 3 layers greedy removes first
-(enc.1, enc.3, enc.5), healed with LoRA on KD data only (the recipe's loss, and plain cross-entropy),
-references only (no teacher) and both; scored on Multi30k test_2016_flickr (all 1,000 sentences,
+(enc.1, enc.3, enc.5), healed with LoRA on KD data only (the recipe's loss, the previous recipe's, and
+plain cross-entropy), references only (no teacher) and both; scored on Multi30k test_2016_flickr (all 1,000 sentences,
 6 English-centric directions).
 
-    python bench/bench_heal.py [--run RUN_DIR] [--ablations kd,kd-seq,refs,both] [--config search_spaces/heal_demo.yaml]
+    python bench/bench_heal.py [--run RUN_DIR] [--ablations kd,kd-plain,kd-seq,refs,both] [--config search_spaces/heal_demo.yaml]
 
 Without --run it runs the greedy search first (search_spaces/demo_dense.yaml, --target-removed 3).
 Target: healing recovers >= 50% of the BLEU lost by pruning within 15 CPU-minutes. CPU time is
@@ -27,9 +27,14 @@ os.environ.setdefault("CULLMT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-# name -> recipe overrides. The recipe's loss is token-level KL to the unpruned model (train.word_kd: 1);
-# kd-seq and refs use plain cross-entropy (word_kd 0): sequence-level KD only, and no teacher at all.
-ABLATIONS = {"kd": ["mix=kd"], "kd-seq": ["mix=kd", "train.word_kd=0"], "refs": ["mix=refs", "train.word_kd=0"],
+# name -> recipe overrides. The recipe's loss is the token-level KL to the unpruned model (train.word_kd: 1) plus
+# its encoder output (train.hidden_kd), adapters in the encoder only (lora.stacks: pruned), the frozen model's dropout
+# off. kd-plain is the recipe before those three (KL only, dropout on, adapters everywhere); kd-seq and refs use
+# plain cross-entropy: sequence-level KD only, and no teacher at all; both adds the references as KD targets.
+ABLATIONS = {"kd": ["mix=kd"],
+             "kd-plain": ["mix=kd", "train.hidden_kd=0", "train.model_dropout=true", "lora.stacks=all"],
+             "kd-seq": ["mix=kd", "train.word_kd=0", "train.hidden_kd=0"],
+             "refs": ["mix=refs", "train.word_kd=0", "train.hidden_kd=0"],
              "both": ["mix=both"]}
 
 
@@ -72,7 +77,7 @@ class CpuMeter:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--run", help="a search run folder (default: run the greedy search now)")
-    ap.add_argument("--ablations", default="kd,kd-seq,refs,both",
+    ap.add_argument("--ablations", default=",".join(ABLATIONS),
                     help=f"comma-separated, from {', '.join(ABLATIONS)}")
     ap.add_argument("--config", default=str(REPO / "search_spaces" / "heal_demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -130,7 +135,8 @@ def main() -> None:
         train_start = at("[cullmt-ray heal] training", cpu0)
         exported = at("[cullmt-ray heal] exported", cpu0 + cpu)
         ablations[mix] = {
-            "overrides": ABLATIONS[mix], "mix": cfg.mix, "word_kd": cfg.train.word_kd,
+            "overrides": ABLATIONS[mix], "recipe": cfg.to_dict(), "mix": cfg.mix, "word_kd": cfg.train.word_kd, "hidden_kd": cfg.train.hidden_kd,
+            "model_dropout": cfg.train.model_dropout, "lora_stacks": cfg.lora.stacks,
             "heal_dir": str(heal_dir), "removed": res["removed"],
             "bleu": rec["bleu"], "spbleu": rec["spbleu"], "chrf++": rec["chrf++"],
             "target_bleu_recovered_50pct": (rec["bleu"]["fraction"] or 0) >= 0.5,

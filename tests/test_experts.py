@@ -3,9 +3,8 @@ count, selection rules, export/reload round trips, and the `experts` study on Ra
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np

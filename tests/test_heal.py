@@ -61,6 +61,7 @@ def test_two_worker_lora_run_lowers_the_kd_loss(trained):
     hist = trained.history
     assert hist[0]["step"] == 0 and hist[-1]["step"] == trained.state["total_steps"] == 9  # 48 pairs / 8 / 2 workers x 3
     assert all(h["workers"] == 2 for h in hist)
+    assert not any("val_kl" in h for h in hist)  # no teacher loaded (train.word_kd 0): no KL to report
     assert hist[-1]["val_kd_loss"] < hist[0]["val_kd_loss"] - 0.05, hist
     assert hist[-1]["train_loss"] < hist[1]["train_loss"]
     assert trained.state["restarts"] == 0 and trained.state["trainable_params"] > 0
@@ -93,6 +94,89 @@ def test_export_reloads_with_plain_transformers_and_translates_identically(train
     assert (unhealed - logits).abs().max() > 1e-3  # the merged adapter changed the model
 
 
+@pytest.mark.parametrize("model_dropout", [False, True])
+def test_the_frozen_models_dropout_is_off_while_adapters_train_unless_asked(model_dropout):
+    """The reference model has dropout 0.1; by default only the adapters' own dropout is active in training,
+    so the student is as deterministic as the teacher it is distilled from, and validation keeps that."""
+    from peft import get_peft_model
+
+    from cullmt_ray.heal.lora import collate, encode, peft_config, set_training
+
+    fam = load_family(ModelSpec("reference:dense"))
+    with fam.apply(["enc.1"]):
+        model = get_peft_model(fam.model, peft_config(fam, {"r": 4, "alpha": 8, "dropout": 0.5,
+                                                            "target_modules": "auto"}))
+        set_training(model, model_dropout)
+        lora = {n: m.training for n, m in model.named_modules() if "lora_dropout." in n}
+        base = [m.training for n, m in model.named_modules() if "lora" not in n and n]
+        assert lora and all(lora.values())  # adapter dropout always on
+        assert all(base) if model_dropout else not any(base)
+        pairs = [("eng_Latn", "deu_Latn", "A man rides a bike.", "Ein Mann fährt Fahrrad.")] * 4
+        batch = collate(encode(fam, pairs, 64), fam.tokenizer.pad_token_id, "cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():  # lora_B starts at zero: only the frozen model's dropout can make these differ
+            a, b = model(**batch).logits, model(**batch).logits
+        assert torch.equal(a, b) != model_dropout
+
+
+@pytest.mark.parametrize("which,unit", [("encdec", "enc.0"), ("llama", "layer.1")])
+def test_hidden_state_kd_is_zero_against_itself_and_adds_to_the_kl_of_a_pruned_model(which, unit, tiny_encdec,
+                                                                                       tiny_llama):
+    from peft import get_peft_model
+
+    from cullmt_ray.heal.lora import collate, encode, peft_config, training_loss
+
+    path = tiny_encdec if which == "encdec" else tiny_llama
+    fam, teacher = load_family(ModelSpec(str(path))), load_family(ModelSpec(str(path))).model.eval()
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
+    pairs = [("eng_Latn", "deu_Latn", a, b) for a, b in zip(ds.lines["eng_Latn"][:8], ds.lines["deu_Latn"][:8])]
+    batch = collate(encode(fam, pairs, 64), fam.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        assert float(training_loss(fam.model, fam, teacher, batch, word_kd=1.0, hidden_kd=1.0)) < 1e-5
+    with fam.apply([unit]):
+        model = get_peft_model(fam.model, peft_config(fam, {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                            "target_modules": "auto"}))
+        kl = training_loss(model, fam, teacher, batch, word_kd=1.0)
+        both = training_loss(model, fam, teacher, batch, word_kd=1.0, hidden_kd=1.0)
+        assert float(both) > float(kl) > 0
+        (both - kl).backward()  # the hidden-state term alone
+        grads = {n: float(p.grad.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n}
+        if which == "encdec":  # it trains the encoder (whose output it compares), not the decoder
+            assert max(g for n, g in grads.items() if ".encoder." in n) > 0
+            assert max(g for n, g in grads.items() if ".decoder." in n) == 0
+        else:
+            assert max(grads.values()) > 0
+
+
+def test_adapters_only_in_the_pruned_stack_and_they_merge_back(tiny_encdec, tmp_path):
+    from peft import get_peft_model
+
+    from cullmt_ray.heal.export import merged_family
+    from cullmt_ray.heal.lora import linear_names, peft_config
+
+    spec, removed = ModelSpec(str(tiny_encdec)), ["enc.0"]
+    fam = load_family(spec)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto", "stacks": "pruned"}
+    with fam.apply(removed):
+        kept, leaves = len(fam.stacks[0].layers), linear_names(fam)
+        model = get_peft_model(fam.model, peft_config(fam, lora, removed))
+        adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+        assert adapted and all(".encoder.layers." in n for n in adapted)
+        assert len(adapted) == kept * len(leaves)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5)
+        model.save_pretrained(tmp_path / "adapter")
+        ids = fam.tokenizer(["A dog runs."], return_tensors="pt")
+        with torch.no_grad():
+            want = model(**ids, decoder_input_ids=ids["input_ids"][:, :3]).logits
+    with merged_family(spec, removed, tmp_path / "adapter") as merged, torch.no_grad():
+        assert torch.allclose(merged.model(**ids, decoder_input_ids=ids["input_ids"][:, :3]).logits, want, atol=1e-4)
+        plain = load_family(spec).model.state_dict()
+        decoder = [(n, p) for n, p in merged.model.named_parameters() if ".decoder.layers." in n]
+        assert decoder and all(torch.equal(p, plain[n]) for n, p in decoder)  # no adapter merged there
+
+
 def plain_translate(model, tok, sources, src="eng_Latn", tgt="deu_Latn"):
     tok.src_lang = src
     with torch.no_grad():
@@ -116,6 +200,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_encd
     assert oc.state["step"] == oc.state["total_steps"] == 6
     steps = [h["step"] for h in oc.history]
     assert steps == [0, 2, 4, 6], steps  # the run went on from the step-4 checkpoint: nothing before it redone
+    validated = [h for h in oc.history if "val_spbleu" in h]  # with a teacher loaded (word_kd) also the KL to it
+    assert [h["step"] for h in validated] == [0, 6] and all(h["val_kl"] > 0 for h in validated)
     assert oc.metrics["restarts"] == 1
 
 
@@ -238,7 +324,8 @@ def test_heal_pareto_candidates_in_parallel_end_to_end(ray_cluster, run_dir, tmp
                                   f"kd.cache={tmp_path / 'kd'}", "kd.chunk=8", "kd.decoding.max_new_tokens=16",
                                   "train.batch_size=4", "train.eval_every=0", "train.val_sentences=4",
                                   "resources.workers=1", "mix=both", "name=e2e", "lora.r=4",
-                                  "lora.target_modules=[q_proj, v_proj]"])
+                                  "lora.target_modules=[q_proj, v_proj]", "lora.stacks=pruned",
+                                  "train.word_kd=0.5", "train.hidden_kd=1"])
     heal_dir = run_heal(run_dir, ["pareto"], cfg, log=lambda s: None)
     status = json.loads((heal_dir / "heal.json").read_text())
     assert status["status"] == "finished" and status["kd"]["pairs"] == 32 and status["training_pairs"] == 64
@@ -253,5 +340,9 @@ def test_heal_pareto_candidates_in_parallel_end_to_end(ray_cluster, run_dir, tmp
         assert card["lora_targets"] == ["q_proj", "v_proj"]
         readme = (Path(r["model_dir"]) / "README.md").read_text()
         assert "after healing" in readme and r["removed"][0] in readme
+        stacks = "dec and enc" if "dec.1" in r["removed"] else "enc"  # adapters only where layers went
+        assert f"q_proj, v_proj in the kept layers of {stacks})" in readme
+        assert ("Loss: 0.5 x cross-entropy on the targets + 0.5 x token-level KL to the unpruned model + 1 x "
+                "relative squared error to its final hidden states; the frozen model's dropout off") in readme
         model = AutoModelForSeq2SeqLM.from_pretrained(r["model_dir"])
         assert model.config.encoder_layers == 2 and model.config.decoder_layers == 3 - ("dec.1" in r["removed"])

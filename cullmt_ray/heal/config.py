@@ -46,6 +46,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     word_kd: float = 0.0  # weight of the token-level KL to the unpruned model (word-level KD); 0: sequence-level only
+    hidden_kd: float = 0.0  # weight of the relative squared error to the unpruned model's final hidden states
+    model_dropout: bool = False  # the frozen model's own dropout during training (the adapters' lora.dropout always)
     clip: float = 1.0
     max_len: int = 128  # tokens; longer pairs are skipped
     eval_every: int = 50  # steps between validations on the dev set (0: only before and after)
@@ -63,6 +65,7 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "auto"  # auto: every linear layer inside the prunable layers
+    stacks: str = "all"  # all: adapters in every layer stack | pruned: only in the stacks that lost layers
     modules_to_save: list[str] = field(default_factory=list)
 
 
@@ -109,6 +112,7 @@ class HealConfig:
         return dataclasses.asdict(self)
 
 
+LORA_STACKS = ("all", "pruned")
 EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -156,6 +160,7 @@ def validate_heal(cfg: HealConfig) -> None:
         raise ConfigError(f"train.label_smoothing={t.label_smoothing}: expected 0 <= x < 1")
     if not 0 <= t.word_kd <= 1:
         raise ConfigError(f"train.word_kd={t.word_kd}: expected a weight in [0, 1] (0: sequence-level KD only)")
+    positive("train.hidden_kd", t.hidden_kd, zero=True)
     if t.max_failures < -1:
         raise ConfigError(f"train.max_failures={t.max_failures}: expected >= 0 (or -1 for no limit)")
     lo = cfg.lora
@@ -163,6 +168,8 @@ def validate_heal(cfg: HealConfig) -> None:
     positive("lora.alpha", lo.alpha)
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"lora.dropout={lo.dropout}: expected 0 <= x < 1")
+    if lo.stacks not in LORA_STACKS:
+        raise ConfigError(f"lora.stacks={lo.stacks!r}: expected one of {', '.join(LORA_STACKS)}")
     if isinstance(lo.target_modules, str) and lo.target_modules != "auto":
         lo.target_modules = [m.strip() for m in lo.target_modules.split(",") if m.strip()]
     if isinstance(lo.target_modules, list) and not lo.target_modules:

@@ -131,6 +131,27 @@ def _score_table(scores: dict, metrics: list[str]) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def _adapted(lora: dict, info: dict) -> str:
+    """Where the adapters sat: every layer, or the kept layers of the stacks that lost some."""
+    if lora.get("stacks", "all") != "pruned":
+        return "every layer"
+    return "the kept layers of " + " and ".join(sorted({u.split(".")[0] for u in info["removed_units"]}))
+
+
+def _loss_text(t: dict) -> str:
+    """The training loss in words, from the recipe's ``train`` section."""
+    parts = []
+    if t.get("word_kd", 0) < 1:
+        ls = f", label smoothing {t['label_smoothing']}" if t.get("label_smoothing") else ""
+        parts.append(f"{1 - t.get('word_kd', 0):g} x cross-entropy on the targets{ls}")
+    if t.get("word_kd"):
+        parts.append(f"{t['word_kd']:g} x token-level KL to the unpruned model")
+    if t.get("hidden_kd"):
+        parts.append(f"{t['hidden_kd']:g} x relative squared error to its final hidden states")
+    drop = "on" if t.get("model_dropout", True) else "off"
+    return f"{' + '.join(parts)}; the frozen model's dropout {drop}"
+
+
 def card_markdown(info: dict) -> str:
     """README.md of an exported healed model from its ``cullmt_ray.json`` facts."""
     sizes, scores, train = info["size"], info["scores"], info["training"]
@@ -146,9 +167,11 @@ def card_markdown(info: dict) -> str:
                              else "") for m, r in rec.items())
     sigs = "\n".join(f"- {m}: `{s}`" for m, s in info["signatures"].items())
     hist = [h for h in train.get("history", []) if f"val_{primary}" in h]
-    hist_rows = "\n".join(f"| {h['step']} | {h['train_loss']:.4f} | " if "train_loss" in h else f"| {h['step']} | - | "
-                          + f"{h[f'val_{primary}']:.2f} | "
-                          f"{h['val_ref_loss']:.4f} | {h['val_kd_loss']:.4f} |" for h in hist)
+    kl = any("val_kl" in h for h in hist)
+    hist_rows = "\n".join((f"| {h['step']} | {h['train_loss']:.4f} | " if "train_loss" in h else f"| {h['step']} | - | ")
+                          + f"{h[f'val_{primary}']:.2f} | {h['val_ref_loss']:.4f} | {h['val_kd_loss']:.4f} |"
+                          + (f" {h.get('val_kl', float('nan')):.5f} |" if kl else "") for h in hist)
+    kl_head = (" KL to the unpruned model |", " ---: |") if kl else ("", "")
     lora = info["heal_config"]["lora"]
     dtype = sizes["healed"]["dtype"]
     itemsize = DTYPES[dtype].itemsize
@@ -163,7 +186,7 @@ def card_markdown(info: dict) -> str:
 
 Made by cullmt-ray: {len(info['removed_units'])} of {info['units_total']} {info['family']} layers removed
 (`{' '.join(info['removed_units'])}`), chosen by the search in `{info['run_dir']}`, then healed with
-LoRA (r={lora['r']}, alpha={lora['alpha']}, targets {', '.join(info['lora_targets'])}) fine-tuned on
+LoRA (r={lora['r']}, alpha={lora['alpha']}, targets {', '.join(info['lora_targets'])} in {_adapted(lora, info)}) fine-tuned on
 {train['pairs']:,} sentence pairs ({info['mix_description']}) and merged into the weights.
 
 ## Size
@@ -192,11 +215,11 @@ Signatures (sacrebleu):
 
 {train['steps']} steps ({train['epochs']:.2f} epochs of {train['pairs']:,} pairs) on {train['workers']} Ray Train
 worker(s), {train['seconds']:.0f} s; {train['trainable_params']:,} trainable LoRA parameters; worker restarts:
-{train['restarts']}. Validation on {info['validation']['source']} ({info['validation']['sentences']} sentences
-per direction):
+{train['restarts']}. Loss: {_loss_text(info['heal_config']['train'])}.
+Validation on {info['validation']['source']} ({info['validation']['sentences']} sentences per direction):
 
-| step | train loss | val {primary} | val loss (references) | val loss (teacher) |
-| ---: | ---: | ---: | ---: | ---: |
+| step | train loss | val {primary} | val loss (references) | val loss (teacher) |{kl_head[0]}
+| ---: | ---: | ---: | ---: | ---: |{kl_head[1]}
 {hist_rows}
 
 ## Use

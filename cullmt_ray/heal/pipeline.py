@@ -23,9 +23,8 @@ import yaml
 from ..atomic import write_json, write_text
 from ..candidate import BASELINE, Candidate
 from ..config import SearchRunConfig
-from ..data import DataError, DevSet, Direction, direction_name, load_devset, parse_directions
+from ..data import DevSet, Direction, direction_name, load_devset, parse_directions
 from ..families import Decoding, FamilyError, ModelSpec, model_fingerprint
-from ..families.base import unit_sort_key
 from .config import HealConfig, from_dict, validate_heal
 from .kd import KDRequest, load_corpus, reference_pairs, teacher_translations, training_pairs
 
