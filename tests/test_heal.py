@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -231,10 +232,12 @@ def test_kd_cache_is_resumable_and_reused(ray_cluster, tiny_encdec, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)
         folder = tmp_path / "kd" / req.key()
-        assert not (folder / "kd.parquet").exists() and len(list((folder / "parts").glob("*.parquet"))) == 2
-        Counting.stop_after, Counting.jobs = None, 0
+        parts = list((folder / "parts").glob("*.parquet"))
+        assert not (folder / "kd.parquet").exists() and len(parts) == 2
+        done = sum(len(pd.read_parquet(p)) for p in parts)  # chunks of 4, 4 and 2 per direction: which two
+        Counting.stop_after, Counting.jobs = None, 0     # finished first depends on the actors
         df, info = teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)
-        assert Counting.jobs == 4 and info["computed"] == 12 and not info["cached"]  # 6 chunks, 2 were done
+        assert Counting.jobs == 4 and info["computed"] == 20 - done and not info["cached"]  # 6 chunks, 2 were done
         assert len(df) == 20 and set(df.columns) >= {"source", "reference", "teacher"}
         direct = load_family(ModelSpec(str(tiny_encdec))).translate(list(df.source[:10]), "eng_Latn", "deu_Latn", SHORT)
         assert list(df.teacher[:10]) == direct
@@ -340,8 +343,8 @@ def test_heal_pareto_candidates_in_parallel_end_to_end(ray_cluster, run_dir, tmp
         assert card["lora_targets"] == ["q_proj", "v_proj"]
         readme = (Path(r["model_dir"]) / "README.md").read_text()
         assert "after healing" in readme and r["removed"][0] in readme
-        stacks = "dec and enc" if "dec.1" in r["removed"] else "enc"  # adapters only where layers went
-        assert f"q_proj, v_proj in the kept layers of {stacks})" in readme
+        stacks = "`dec.*` and `enc.*`" if "dec.1" in r["removed"] else "`enc.*`"  # adapters only where layers went
+        assert f"q_proj, v_proj in the kept {stacks} layers)" in readme
         assert ("Loss: 0.5 x cross-entropy on the targets + 0.5 x token-level KL to the unpruned model + 1 x "
                 "relative squared error to its final hidden states; the frozen model's dropout off") in readme
         model = AutoModelForSeq2SeqLM.from_pretrained(r["model_dir"])

@@ -135,7 +135,8 @@ def _adapted(lora: dict, info: dict) -> str:
     """Where the adapters sat: every layer, or the kept layers of the stacks that lost some."""
     if lora.get("stacks", "all") != "pruned":
         return "every layer"
-    return "the kept layers of " + " and ".join(sorted({u.split(".")[0] for u in info["removed_units"]}))
+    return "the kept " + " and ".join(f"`{p}.*`" for p in sorted({u.split(".")[0] for u in info["removed_units"]})) \
+        + " layers"
 
 
 def _loss_text(t: dict) -> str:
