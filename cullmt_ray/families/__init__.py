@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Decoding, FamilyError, ModelFamily, Size, unit_sort_key
+from .base import Decoding, FamilyError, ModelFamily, Size, unit_sort_key, unit_stack
 from .decoder import DecoderOnlyFamily
 from .encdec import EncoderDecoderFamily
 from .moe import NllbMoeFamily
@@ -31,6 +31,7 @@ __all__ = [
     "model_fingerprint",
     "resolve_model_path",
     "unit_sort_key",
+    "unit_stack",
 ]
 
 

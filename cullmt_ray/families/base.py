@@ -191,6 +191,11 @@ class ModelFamily(ABC):
 _STACK_ORDER = {"enc": 0, "dec": 1, "layer": 2}
 
 
+def unit_stack(unit: str) -> str:
+    """The prefix of the layer stack a unit belongs to (``enc.3`` -> ``enc``)."""
+    return unit.split(".", 1)[0]
+
+
 def unit_sort_key(unit: str) -> tuple:
     """Model order: encoder before decoder, then numerically (``enc.2`` < ``enc.10`` < ``dec.0``)."""
     parts = unit.split(".")

@@ -21,7 +21,7 @@ import yaml
 
 from ..atomic import write_json, write_text
 from ..families import ModelFamily, ModelSpec, load_family, resolve_model_path
-from ..families.base import unit_sort_key
+from ..families.base import unit_sort_key, unit_stack
 from ..families.decoder import DecoderOnlyFamily
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,8 +135,8 @@ def _adapted(lora: dict, info: dict) -> str:
     """Where the adapters sat: every layer, or the kept layers of the stacks that lost some."""
     if lora.get("stacks", "all") != "pruned":
         return "every layer"
-    return "the kept " + " and ".join(f"`{p}.*`" for p in sorted({u.split(".")[0] for u in info["removed_units"]})) \
-        + " layers"
+    stacks = sorted({unit_stack(u) for u in info["removed_units"]})
+    return "the kept " + " and ".join(f"`{p}.*`" for p in stacks) + " layers"
 
 
 def _loss_text(t: dict) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..families import Decoding, FamilyError, ModelFamily, ModelSpec
+from ..families import Decoding, FamilyError, ModelFamily, ModelSpec, unit_stack
 from ..families.decoder import DecoderOnlyFamily
 
 
@@ -54,7 +54,7 @@ def resolve_targets(family: ModelFamily, target_modules: str | list[str]) -> lis
 def adapted_modules(family: ModelFamily, leaves: list[str], removed: list[str]) -> list[str]:
     """Full names of the ``leaves`` linear layers in the kept layers of the stacks that lost units
     (``enc`` when only encoder layers were removed); call it with the prune set applied."""
-    cut = {u.split(".")[0] for u in removed}
+    cut = {unit_stack(u) for u in removed}
     names = {id(m): n for n, m in family.model.named_modules()}
     out = []
     for s in family.stacks:
@@ -142,27 +142,15 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
 
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
-def _loss_sum(model: nn.Module, examples: list[Example], pad_id: int, device, batch_size: int = 32) -> tuple[float, int]:
-    """Summed token cross-entropy and token count (the model's own loss, re-weighted by tokens)."""
+def _loss_sum(model: nn.Module, examples: list[Example], pad_id: int, device, batch_size: int = 32,
+              loss: Callable[[dict], torch.Tensor] | None = None) -> tuple[float, int]:
+    """A per-token loss summed over the target tokens, and their count: the model's own cross-entropy,
+    or ``loss(batch)`` (a token mean, e.g. the KL to the teacher)."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
         n = int((batch["labels"] != -100).sum())  # a causal LM's first label is a prompt token (-100)
-        total += float(model(**batch).loss) * n
-        count += n
-    return total, count
-
-
-@torch.no_grad()
-def _kl_sum(model: nn.Module, family: ModelFamily, teacher: nn.Module, examples: list[Example], pad_id: int,
-            device, batch_size: int = 32) -> tuple[float, int]:
-    """Summed token-level KL(teacher || model) over the target tokens, and their count."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id, device)
-        labels = batch["labels"][:, 1:] if _shifts(model) else batch["labels"]
-        n = int((labels != -100).sum())
-        total += float(training_loss(model, family, teacher, batch, word_kd=1.0)) * n
+        total += float(loss(batch) if loss else model(**batch).loss) * n
         count += n
     return total, count
 
@@ -176,12 +164,10 @@ def set_training(model: nn.Module, model_dropout: bool) -> None:
     """Training mode for the adapters. Unless ``model_dropout``, the frozen model's own dropout stays off:
     the student then matches the deterministic teacher it is distilled from, instead of a noisy copy of
     itself (on the demo, 375 steps close 56% of the held-out KL to the teacher with it off, 11% with it on)."""
-    model.train()
-    if not model_dropout:
-        model.eval()
-        for name, module in model.named_modules():
-            if "lora_dropout" in name:
-                module.train()
+    model.train(model_dropout)
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            module.train()
 
 
 def validate(family: ModelFamily, val: list[dict], rank: int, world: int, scorer, decoding: Decoding,
@@ -205,7 +191,8 @@ def validate(family: ModelFamily, val: list[dict], rank: int, world: int, scorer
         mine[f"{s}-{t}"] = {"scores": scores, "ref": _loss_sum(model, refs, pad, family.device),
                             "kd": _loss_sum(model, kd, pad, family.device)}
         if teacher is not None:
-            mine[f"{s}-{t}"]["kl"] = _kl_sum(model, family, teacher, kd, pad, family.device)
+            mine[f"{s}-{t}"]["kl"] = _loss_sum(model, kd, pad, family.device,
+                                               loss=lambda b: training_loss(model, family, teacher, b, word_kd=1.0))
     for m, mode in modes.items():
         m.train(mode)
     parts = [mine]
@@ -388,9 +375,10 @@ def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | No
     logits = out.logits.float()
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                     label_smoothing=label_smoothing)
-    loss = (1 - word_kd) * ce
+    loss = torch.zeros((), device=logits.device)
+    if word_kd < 1:
+        loss = (1 - word_kd) * nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                           ignore_index=-100, label_smoothing=label_smoothing)
     if not (word_kd or hidden_kd):
         return loss
     with torch.no_grad():
