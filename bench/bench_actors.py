@@ -11,11 +11,12 @@ from common import parser, save
 
 from cullmt_ray.candidate import Candidate
 from cullmt_ray.data import load_devset
-from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, Resources
-from cullmt_ray.families import Decoding, ModelSpec
+from cullmt_ray.config import ResourcesConfig as Resources
+from cullmt_ray.evaluator import EvalSettings, EvaluatorPool
+from cullmt_ray.config import Decoding, ModelConfig
 
 
-def rate(n_actors: int, spec: ModelSpec, ds, jobs) -> float:
+def rate(n_actors: int, spec: ModelConfig, ds, jobs) -> float:
     pool = EvaluatorPool(spec, ds, EvalSettings(spm="reference", decoding=Decoding(batch_size=16)),
                          Resources(actors=n_actors), run=f"bench{n_actors}")
     try:
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=12)
     args = ap.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    spec = ModelSpec(args.model)
+    spec = ModelConfig(args.model)
     ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"]).subsample(args.sentences)
     from cullmt_ray.families import load_family
 

@@ -14,12 +14,13 @@ import time
 import psutil
 from common import parser, save
 
-from cullmt_ray.families import ModelSpec, load_family
+from cullmt_ray.config import ModelConfig
+from cullmt_ray.families import load_family
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    fam = load_family(ModelSpec(args.model))
+    fam = load_family(ModelConfig(args.model))
     units = fam.units()
     rng = random.Random(0)
     sets = [rng.sample(units, rng.randint(1, len(units) // 2)) for _ in range(100)]

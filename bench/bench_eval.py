@@ -17,7 +17,8 @@ from common import parser, save
 from torch import nn
 
 from cullmt_ray.data import load_devset
-from cullmt_ray.families import Decoding, ModelSpec, load_family
+from cullmt_ray.config import Decoding, ModelConfig
+from cullmt_ray.families import load_family
 
 
 def naive(fam, removed: list[str], sources: list[str], src: str, tgt: str, bs: int) -> list[str]:
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    fam = load_family(ModelSpec(args.model))
+    fam = load_family(ModelConfig(args.model))
     if fam.name != "encdec":
         raise SystemExit("bench_eval compares the encoder-decoder route; pass an NLLB/M2M-100 model")
     ds = load_devset("builtin:demo").subsample(args.sentences)

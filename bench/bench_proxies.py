@@ -14,8 +14,9 @@ from common import parser, save
 
 from cullmt_ray.candidate import BASELINE, Candidate
 from cullmt_ray.data import load_devset, parse_directions
-from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, Resources
-from cullmt_ray.families import Decoding, ModelSpec
+from cullmt_ray.config import ResourcesConfig as Resources
+from cullmt_ray.evaluator import EvalSettings, EvaluatorPool
+from cullmt_ray.config import Decoding, ModelConfig
 from cullmt_ray.proxies import spearman
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ds = load_devset("builtin:demo").subsample(args.sentences)
     dirs = parse_directions("english-centric", ds.languages)
-    pool = EvaluatorPool(ModelSpec(args.model), ds, EvalSettings(spm="reference", decoding=Decoding(batch_size=16)),
+    pool = EvaluatorPool(ModelConfig(args.model), ds, EvalSettings(spm="reference", decoding=Decoding(batch_size=16)),
                          Resources(actors=2), run="bench-proxies")
     try:
         units = pool.info[0]["units"]

@@ -27,7 +27,7 @@ def run(args, tmp: Path, name: str, extra: list[str]) -> dict:
                              f"search.target_removed={args.target_removed}", "search.threshold=100",
                              f"output.dir={tmp / name}", f"output.store={tmp / name / 'store.sqlite'}",
                              f"name={name}", *extra])
-    run_dir = run_search(cfg, log=lambda s: None)
+    run_dir = run_search(cfg)
     info = json.loads((run_dir / "run.json").read_text())
     trace = json.loads((run_dir / "trace.json").read_text())
     final = trace["steps"][-1]

@@ -1,3 +1,3 @@
 """cullmt-ray: distributed search for smaller multilingual MT models (layer and expert pruning)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,18 +9,18 @@ directions lose. Writes ``calibration.{json,md}`` and ``calibration.png`` into a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
-
-import yaml
 
 from .atomic import save_figure, write_json, write_text
 from .candidate import BASELINE, Candidate
 from .config import SearchRunConfig
 from .data import direction_name, parse_directions, select_directions
-from .search import make_strategy, new_run_dir, open_session
+from .session import open_session
+from .strategies import make_strategy
+
+log = logging.getLogger("cullmt_ray")
 
 
 def _mean(per: dict[str, float], names: list[str]) -> float | None:
@@ -33,24 +33,20 @@ def _jaccard(a: list[str], b: list[str]) -> float:
     return round(len(sa & sb) / len(sa | sb), 3) if sa | sb else 1.0
 
 
-def run_calibration_study(cfg: SearchRunConfig, calibrations: list[str],
-                          log: Callable[[str], None] = print) -> Path:
-    run_dir = new_run_dir(replace(cfg, name=f"{cfg.name}-calibration"))
-    run_dir.mkdir(parents=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    session = open_session(cfg, run_dir.name)
+def run_calibration_study(cfg: SearchRunConfig, calibrations: list[str]) -> Path:
+    """One search per calibration choice, each chosen set scored on every direction; the report folder."""
     metric = cfg.metric.primary
-    try:
+    with open_session(cfg, "calibration") as session:
+        run_dir = session.run_dir
         full_dirs = parse_directions(cfg.data.directions, session.devset.languages)
         chosen = {spec: select_directions(spec, full_dirs, session.devset.languages) for spec in calibrations}
-        full = session.evalset(full_dirs)
+        full = session.service.evalset(full_dirs)
         (base_full,) = session.evaluate([BASELINE], "baseline", full)
-        units = session.pool.info[0]["units"]
         rows = []
         for spec, dirs in chosen.items():
-            es = session.evalset(dirs)
+            es = session.service.evalset(dirs)
             (base_c,) = session.evaluate([BASELINE], "baseline", es)
-            strategy = make_strategy(cfg, units, base_c, batch=max(2 * session.pool.size, 4))
+            strategy = make_strategy(cfg.search, session.units, base_c, batch=session.batch)
             asked = 0
             while batch := strategy.ask():
                 strategy.tell(session.evaluate(batch, f"{strategy.name}@{spec}", es))
@@ -74,8 +70,8 @@ def run_calibration_study(cfg: SearchRunConfig, calibrations: list[str],
                 s, b = row[f"{k}_score"], row[f"{k}_baseline"]
                 row[f"{k}_drop"] = round(b - s, 4) if s is not None and b is not None else None
             rows.append(row)
-            log(f"[cullmt-ray] calibration {spec}: removes {', '.join(final.units)}; held-out drop "
-                f"{row['heldout_drop']}, all-direction drop {row['all_drop']}")
+            log.info("calibration %s: removes %s; held-out drop %s, all-direction drop %s", spec,
+                     ", ".join(final.units), row["heldout_drop"], row["all_drop"])
         overlap = {f"{a['calibration']} | {b['calibration']}": _jaccard(a["removed"], b["removed"])
                    for i, a in enumerate(rows) for b in rows[i + 1:]}
         report = {"model": cfg.model.name, "dev": cfg.data.dev, "metric": metric, "strategy": cfg.search.strategy,
@@ -86,11 +82,9 @@ def run_calibration_study(cfg: SearchRunConfig, calibrations: list[str],
         write_json(run_dir / "calibration.json", report)
         write_text(run_dir / "calibration.md", _markdown(report))
         _plot(report, run_dir / "calibration.png")
-        log(f"[cullmt-ray] report: {run_dir / 'calibration.md'}")
+        session.finish(files={"report": "calibration.md", "json": "calibration.json"})
+        log.info("report: %s", run_dir / "calibration.md")
         return run_dir
-    finally:
-        session.pool.shutdown()
-        session.store.close()
 
 
 def _markdown(r: dict) -> str:

@@ -1,12 +1,13 @@
-"""A candidate is data: a frozen set of removed units; its key is canonical across runs."""
+"""What a search handles, as data: a :class:`Candidate` (a prune set with a canonical key) and its
+:class:`Evaluation` (its scores and size). Torch-free."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .families.base import unit_sort_key
+from .units import parse_units, sort_units
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,15 @@ class Candidate:
     def of(cls, units: Iterable[str]) -> Candidate:
         return cls(frozenset(units))
 
+    @classmethod
+    def parse(cls, spec: str | Iterable[str]) -> Candidate:
+        """From ``"enc.1,enc.3"`` or a list, every name checked (:func:`cullmt_ray.units.parse_unit`)."""
+        return cls(frozenset(parse_units(spec)))
+
     @property
     def units(self) -> list[str]:
         """Removed units in a stable order (enc before dec, numeric within)."""
-        return sorted(self.removed, key=unit_sort_key)
+        return sort_units(self.removed)
 
     @property
     def key(self) -> str:
@@ -40,3 +46,26 @@ class Candidate:
 
 
 BASELINE = Candidate(frozenset())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One scored candidate: primary score (higher is better), size, every metric per direction."""
+
+    candidate: Candidate
+    score: float
+    params: int
+    bytes: int
+    metrics: dict
+    sentences: int  # sentences generated (the budget unit)
+    seconds: float
+    strategy: str | None = None
+    run: str | None = None
+    actor: str | None = None
+    cached: bool = field(default=False, compare=False)  # read from the store, not computed now
+
+    def as_row(self) -> dict:
+        return {"candidate": self.candidate.key, "units": self.candidate.units, "n_removed": len(self.candidate),
+                "params": self.params, "bytes": self.bytes, "score": self.score, "metrics": self.metrics,
+                "sentences": self.sentences, "seconds": self.seconds, "strategy": self.strategy,
+                "run": self.run, "actor": self.actor}

@@ -1,12 +1,16 @@
-"""The ``cullmt-ray`` command: search, compare, calibrate, evaluate, pareto. Thin: parse, load config, call."""
+"""The ``cullmt-ray`` command: search, compare, calibrate, experts, evaluate, pareto, heal, submit.
+Thin: parse, load config, call; errors become one line and an exit code."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+log = logging.getLogger("cullmt_ray")
 
 DESCRIPTION = """\
 cullmt-ray finds smaller multilingual MT models: it removes layers (or experts), scores each
@@ -30,6 +34,17 @@ examples:
   cullmt-ray pareto results/runs/demo-dense-20261123-181700
   cullmt-ray heal results/runs/demo-dense-20261123-181700 --config search_spaces/heal_demo.yaml --candidate best
   cullmt-ray submit --address http://127.0.0.1:8265 --follow -- search --target-removed 2   # on a Ray cluster
+
+output: progress lines on stdout ([cullmt-ray] ...), -q shows only warnings and errors, -v adds
+debug lines and Ray's own logs (hidden otherwise); errors are one line on stderr.
+
+exit codes: 0 done; 2 bad input (config, flags, data, model, units: nothing is left half-written);
+1 a failure while running (an actor that keeps dying, a lost cluster; the run folder says
+"failed" and `search --resume RUN_DIR` finishes it).
+
+environment: CULLMT_NO_PROGRESS=1 hides progress bars; CULLMT_DEBUG=1 shows the traceback of an
+error; CULLMT_ALLOW_DOWNLOAD=1 lets sacrebleu download the flores200 SentencePiece model;
+RAY_ADDRESS joins that Ray cluster instead of starting a local one.
 """
 
 
@@ -51,7 +66,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="results store (SQLite file); default results/store.sqlite")
 
 
-STRATEGY_NAMES = ("greedy", "beam", "evolutionary", "tpe", "nsga2", "motpe", "random")
+def _strategy_names() -> tuple[str, ...]:
+    from .strategies import STRATEGIES
+
+    return tuple(STRATEGIES)
 
 
 def _search_flags(p: argparse.ArgumentParser) -> None:
@@ -63,15 +81,21 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="cullmt-ray", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"cullmt-ray {__version__}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug lines, Ray's logs, tracebacks")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    names = " | ".join(_strategy_names())
     s = sub.add_parser("search", help="search prune sets; writes a run folder with trace and Pareto front",
                        description="Search prune sets with the configured strategy (greedy = CULL-MT) and write "
                                    "a run folder: config, trace, held-out scores, pareto.{csv,json,parquet,png}.")
     _common(s)
     _search_flags(s)
-    s.add_argument("--strategy", help=f"search strategy: {' | '.join(STRATEGY_NAMES)} (default greedy)")
+    s.add_argument("--strategy", help=f"search strategy: {names} (default greedy)")
     s.add_argument("--max-evaluations", type=int, help="budget: distinct candidates the strategy may ask for")
     s.add_argument("--resume", metavar="RUN_DIR", help="resume a killed run: evaluations already stored are reused")
     c = sub.add_parser("compare", help="run several strategies on one pool and store with the same budget; report",
@@ -88,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "calibration.{md,json,png}.")
     _common(k)
     _search_flags(k)
-    k.add_argument("--strategy", help=f"search strategy: {' | '.join(STRATEGY_NAMES)} (default greedy)")
+    k.add_argument("--strategy", help=f"search strategy: {names} (default greedy)")
     k.add_argument("--calibration", dest="calibrations", action="append", metavar="CHOICE",
                    help="all | from-english | to-english | into:LANG | from:LANG | src-tgt,... (repeatable; "
                         "default: all, from-english, to-english)")
@@ -184,12 +208,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .search import load_run_config, run_search
+    from .search import run_search
+    from .session import load_run_config
 
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
-        print(f"[cullmt-ray] resuming {run_dir}", flush=True)
+        log.info("resuming %s", run_dir)
         run_search(cfg, run_dir)
     else:
         run_search(load_config(args.config, _overrides(args)))
@@ -201,10 +226,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .config import load_config
 
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
-    bad = [n for n in names if n not in STRATEGY_NAMES]
+    bad = [n for n in names if n not in _strategy_names()]
     if bad or not names:
         raise ValueError(f"--strategies: {bad[0] if bad else args.strategies!r} is not a strategy; expected a "
-                         f"comma-separated list of {', '.join(STRATEGY_NAMES)}")
+                         f"comma-separated list of {', '.join(_strategy_names())}")
     if args.budget is not None and args.budget < 1:
         raise ValueError(f"--budget={args.budget}: expected a positive number of evaluations")
     run_compare(load_config(args.config, _overrides(args)), names, args.budget)
@@ -237,38 +262,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .atomic import write_json
     from .candidate import BASELINE, Candidate
     from .config import load_config
-    from .search import open_session
+    from .session import open_session
+
+    from .families import model_units
 
     cfg = load_config(args.config, _overrides(args))
-    removed = Candidate.of(u.strip() for u in args.remove.split(",") if u.strip())
-    session = open_session(cfg, run_id=f"evaluate-{os.getpid()}")
-    try:
-        units = session.pool.info[0]["units"]
-        bad = [u for u in removed.units if u not in units]
-        if bad:
-            raise ValueError(f"--remove: {bad[0]!r} is not a unit of {cfg.model.name}; its units are "
-                             f"{', '.join(units)}")
-        cands = [BASELINE] if not removed.removed else [BASELINE, removed]
-        evals = session.evaluate(cands, "evaluate")
-        sigs = session.calibration.description["signatures"]
+    removed = Candidate.parse(args.remove)
+    _, units = model_units(cfg.model)
+    bad = [u for u in removed.units if u not in units]
+    if bad:
+        raise ValueError(f"--remove: {bad[0]!r} is not a unit of {cfg.model.name}; its units are {', '.join(units)}")
+    if args.json_out:
+        _writable(Path(args.json_out).parent, "--json")
+    if args.export:
+        _writable(Path(args.export).parent, "--export")
+    with open_session(cfg, "evaluate", folder=False) as session:
+        evals = session.evaluate([BASELINE] if not removed.removed else [BASELINE, removed], "evaluate")
         report = {"model": cfg.model.name, "dev": cfg.data.dev, "split": cfg.data.split,
-                  "sentences": session.calibration.description["eval"]["sentences"], "signatures": sigs,
+                  "sentences": session.calibration.description["eval"]["sentences"], "signatures": session.signatures,
                   "results": [{"removed": e.candidate.units, "params": e.params, "bytes": e.bytes,
                                "score": e.score, "metrics": e.metrics, "cached": e.cached} for e in evals]}
-        _print_eval(report, cfg.metric.metrics)
+        _print_eval(report, cfg.metric.scored)
         if args.json_out:
             write_json(args.json_out, report)
         if args.export:
-            from .families import ModelSpec, load_family
+            import ray
 
-            fam = load_family(ModelSpec(cfg.model.name, cfg.model.family, cfg.model.dtype, "cpu",
-                                        cfg.model.trust_remote_code, cfg.model.prompt_template))
-            fam.export(removed.units, args.export, {"scores": report["results"], "signatures": sigs})
+            card = {"scores": report["results"], "signatures": session.signatures, "dev": cfg.data.dev}
+            ray.get(session.pool.actors[0].export.remote(removed.units, str(Path(args.export).resolve()), card))
             print(f"pruned model saved to {args.export}")
-    finally:
-        session.pool.shutdown()
-        session.store.close()
     return 0
+
+
+def _writable(folder: Path, flag: str) -> None:
+    """``folder`` (or its nearest existing parent) must be a writable directory."""
+    p = folder.resolve()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK):
+        raise ValueError(f"{flag}: cannot write under {folder} ({p} is not a writable folder)")
 
 
 def _print_eval(report: dict, metrics: list[str]) -> None:
@@ -287,59 +319,37 @@ def _print_eval(report: dict, metrics: list[str]) -> None:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from .candidate import BASELINE
-    from .search import load_run_config, write_pareto
+    from .pareto import export_context, export_store
+    from .session import load_run_config
     from .store import ResultStore
 
     target = Path(args.run_dir)
     if target.is_file():  # a results store: one front per evaluation context
-        store = ResultStore(target)
-        try:
-            files = export_store_fronts(store, Path(args.out or target.parent / "pareto"))
-        finally:
-            store.close()
+        with ResultStore(target, read_only=True) as store:
+            files = export_store(store, Path(args.out or target.parent / "pareto"))
     else:
-        cfg = load_run_config(target)
-        info = json.loads((target / "run.json").read_text())
-        if "context" not in info:
-            raise ValueError(f"{target}: the run has not finished (status {info.get('status')}); "
-                             "resume it with cullmt-ray search --resume")
-        store = ResultStore(args.store or cfg.output.store)
+        cfg = load_run_config(target, flag="pareto")
         try:
-            baseline = store.get(info["context"], BASELINE)
-            trace = json.loads((target / "trace.json").read_text()) if (target / "trace.json").exists() else None
-            files = list(write_pareto(store, info["context"], baseline, Path(args.out or target), cfg, trace).values())
-        finally:
-            store.close()
+            info = json.loads((target / "run.json").read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"pareto {target}: no readable run.json; expected a run folder made by cullmt-ray") from None
+        if "context" not in info or info.get("status") != "finished":
+            raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}); "
+                             f"finish it with cullmt-ray search --resume {target}")
+        trace = json.loads((target / "trace.json").read_text()) if (target / "trace.json").exists() else None
+        with ResultStore(args.store or cfg.output.store, read_only=True) as store:
+            files = list(export_context(store, info["context"], Path(args.out or target),
+                                        f"{cfg.model.name} on {cfg.data.dev}", trace).values())
     for f in files:
         print(f)
     return 0
-
-
-def export_store_fronts(store, out: Path) -> list[Path]:
-    """For every context in ``store`` with a baseline, its front under ``out/<context>/``."""
-    from .candidate import BASELINE
-    from .pareto import export_front
-
-    files: list[Path] = []
-    for (context,) in store.db.execute("SELECT context FROM contexts").fetchall():
-        baseline = store.get(context, BASELINE)
-        if baseline is None:
-            continue
-        desc = store.context_description(context)
-        title = f"{desc['model']} on {desc['eval']['source']}"
-        files += list(export_front(list(store.evaluations(context)), baseline, out / context, desc["metric"],
-                                   title).values())
-    if not files:
-        raise ValueError(f"{store.path}: no context with a baseline evaluation; nothing to export")
-    return files
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from .heal import load_heal_config, resume_heal, run_heal
 
     if args.resume:
-        print(f"[cullmt-ray] resuming {args.resume}", flush=True)
+        log.info("resuming %s", args.resume)
         heal_dir = resume_heal(args.resume)
     else:
         if not args.run_dir:
@@ -352,7 +362,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
             sets.append("export.keep_adapter=true")
         cfg = load_heal_config(args.config, sets)
         heal_dir = run_heal(args.run_dir, args.candidate or ["best"], cfg, args.out)
-    print(f"[cullmt-ray] healed models and cards: {heal_dir}")
+    log.info("healed models and cards: %s", heal_dir)
     return 0
 
 
@@ -362,21 +372,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return run_submit(args)
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[cullmt-ray] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    if args.quiet:
+        os.environ["CULLMT_NO_PROGRESS"] = "1"
+    if not args.verbose:  # Ray's startup notices and worker lines
+        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def _exit_code(e: BaseException) -> tuple[int, BaseException]:
+    """2 for bad input (a ValueError, also when raised inside an actor), 1 for failures at run time."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(e, RayTaskError) and e.cause is not None:
+        e = e.cause
+    return (2 if isinstance(e, (ValueError, KeyError)) else 1), e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.command:
         build_parser().print_help()
         return 2
+    _configure_logging(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ray.exceptions import RayTaskError
-
-    from .config import ConfigError
-    from .data import DataError
-    from .families.base import FamilyError
-    from .metrics import MetricError
-    from .search import SearchError
-    from .submit import SubmitError
-
     try:
         if args.command != "submit" and str(getattr(args, "address", None) or "").startswith(("http://", "https://")):
             from .submit import forward
@@ -386,15 +411,18 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluate": cmd_evaluate, "pareto": cmd_pareto, "submit": cmd_submit, "experts": cmd_experts,
                     "heal": cmd_heal}
         return commands[args.command](args)
-    except (ConfigError, DataError, FamilyError, MetricError, SearchError, SubmitError, ValueError, KeyError,
-            RayTaskError) as e:
-        if os.environ.get("CULLMT_DEBUG") == "1":
+    except KeyboardInterrupt:
+        print(f"cullmt-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error ends as one line and an exit code
+        if args.verbose or os.environ.get("CULLMT_DEBUG") == "1":
             raise
-        if isinstance(e, RayTaskError) and e.cause is not None:
-            e = e.cause
+        code, e = _exit_code(e)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if code == 1:
+            msg = f"{msg} ({type(e).__name__}; -v shows the traceback)"
         print(f"cullmt-ray {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":

@@ -13,35 +13,35 @@ Writes ``compare.json``, ``compare.md``, ``fronts.png`` (every strategy's front 
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 from .atomic import save_figure, write_json, write_text
-from .candidate import BASELINE
+from .candidate import BASELINE, Evaluation
 from .config import SearchRunConfig
 from .pareto import hypervolume, non_dominated
-from .search import make_strategy, new_run_dir, open_session
-from .store import Evaluation
+from .session import Session, open_session
+from .strategies import make_strategy
+
+log = logging.getLogger("cullmt_ray")
 
 
-def _run_strategy(session, cfg: SearchRunConfig, name: str, units: list[str], baseline: Evaluation,
-                  budget: int | None) -> dict:
+def _run_strategy(session: Session, name: str, baseline: Evaluation, budget: int | None,
+                  size: int | None) -> dict:
     """Run one strategy to its end or its budget; its evaluations in the order it saw them."""
-    strategy = make_strategy(cfg, units, baseline, name=name, max_evaluations=budget,
-                             batch=max(2 * session.pool.size, 4))
+    strategy = make_strategy(session.cfg.search, session.units, baseline, name=name, max_evaluations=budget,
+                             batch=session.batch, target_removed=size)
     seen: list[Evaluation] = []
-    computed0, requested0, t0 = session.evaluated, session.requested, time.time()
+    spent = session.service.budget
+    computed0, requested0, t0 = spent.evaluated, spent.requested, time.time()
     while batch := strategy.ask():
         results = session.evaluate_staged(batch, name)
         strategy.tell(results)
         seen.extend(results)
-    return {"strategy": strategy, "evaluations": seen, "computed": session.evaluated - computed0,
-            "sentences": session.requested - requested0, "seconds": time.time() - t0}
+    return {"strategy": strategy, "evaluations": seen, "computed": spent.evaluated - computed0,
+            "sentences": spent.requested - requested0, "seconds": time.time() - t0}
 
 
 def _first_match(evals: list[Evaluation], params: int, score: float) -> int | None:
@@ -139,29 +139,21 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_compare(cfg: SearchRunConfig, strategies: list[str], budget: int | None = None,
-                log: Callable[[str], None] = print) -> Path:
+def run_compare(cfg: SearchRunConfig, strategies: list[str], budget: int | None = None) -> Path:
     """Run ``strategies`` (greedy first when listed) on one pool and store; write the report folder."""
-    run_dir = new_run_dir(replace(cfg, name=f"{cfg.name}-compare"))
-    run_dir.mkdir(parents=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    session = open_session(cfg, run_dir.name)
-    try:
+    with open_session(cfg, "compare") as session:
+        run_dir = session.run_dir
         (baseline,) = session.evaluate([BASELINE], "baseline")
-        units = session.pool.info[0]["units"]
-        log(f"[cullmt-ray] compare {', '.join(strategies)}: baseline {cfg.metric.primary} {baseline.score:.2f}")
+        log.info("compare %s: baseline %s %.2f", ", ".join(strategies), cfg.metric.primary, baseline.score)
         order = (["greedy"] if "greedy" in strategies else []) + [s for s in strategies if s != "greedy"]
         runs: dict[str, dict] = {}
         reference = None
         size = cfg.search.target_removed
         for name in order:
-            run_cfg = cfg
-            if name != "greedy" and size is not None:
-                run_cfg = replace(cfg, search=replace(cfg.search, target_removed=size))
             spend = budget if budget is not None else (reference["evaluations"] if reference else None)
-            runs[name] = _run_strategy(session, run_cfg, name, units, baseline, spend)
-            log(f"[cullmt-ray] {name}: {len(runs[name]['evaluations'])} evaluations "
-                f"({runs[name]['computed']} computed), {runs[name]['strategy'].trace().get('stop_reason', '')}")
+            runs[name] = _run_strategy(session, name, baseline, spend, size if name != "greedy" else None)
+            log.info("%s: %d evaluations (%d computed), %s", name, len(runs[name]["evaluations"]),
+                     runs[name]["computed"], runs[name]["strategy"].trace().get("stop_reason", ""))
             if name == "greedy":
                 g = runs[name]
                 final = g["strategy"].trace()["final"]
@@ -171,7 +163,7 @@ def run_compare(cfg: SearchRunConfig, strategies: list[str], budget: int | None 
                 size = size or len(final) or None
         spent = budget or (reference["evaluations"] if reference else max(len(r["evaluations"]) for r in runs.values()))
         report = {"model": cfg.model.name, "dev": cfg.data.dev, "metric": cfg.metric.primary,
-                  "signature": session.calibration.description["signatures"].get(cfg.metric.primary, ""),
+                  "signature": session.signatures.get(cfg.metric.primary, ""),
                   "created": datetime.now(timezone.utc).isoformat(),
                   "baseline": {"params": baseline.params, "score": baseline.score}, "budget": spent,
                   "target_removed": size, "greedy_reference": reference,
@@ -181,8 +173,6 @@ def run_compare(cfg: SearchRunConfig, strategies: list[str], budget: int | None 
         write_json(run_dir / "compare.json", report)
         _plots(runs, baseline, run_dir, cfg.metric.primary, size)
         write_text(run_dir / "compare.md", _markdown(report))
-        log(f"[cullmt-ray] report: {run_dir / 'compare.md'}")
+        session.finish(files={"report": "compare.md", "json": "compare.json"})
+        log.info("report: %s", run_dir / "compare.md")
         return run_dir
-    finally:
-        session.pool.shutdown()
-        session.store.close()

@@ -1,6 +1,8 @@
 """Search configs: YAML (``search_spaces/*.yaml``) + ``--set a.b=value`` flags -> validated dataclasses.
 
-Every error is one line naming the bad field, its value and what is expected.
+One dataclass per concept, each section checking itself (``check``) as it is built, so a config
+object that exists is valid. Every error is one line naming the bad field, its value and what is
+expected. Torch-free and Ray-free.
 """
 
 from __future__ import annotations
@@ -13,20 +15,52 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the field."""
 
 
+def _positive(where: str, value: float | None, *, zero: bool = False, none: bool = False) -> None:
+    """``value`` > 0 (>= 0 with ``zero``; None allowed with ``none``), else a one-line error."""
+    if value is None and none:
+        return
+    if value is None or value < 0 or (value == 0 and not zero):
+        least = ">= 0" if zero else ">= 1" if isinstance(value, int) else "> 0"
+        raise ConfigError(f"{where}={value!r}: expected {least}{' (or null)' if none else ''}")
+
+
+def _one_of(where: str, value: Any, allowed: typing.Iterable) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _plain_name(where: str, value: str) -> None:
+    if not value or any(c in value for c in "/\\ ") or value in (".", ".."):
+        raise ConfigError(f"{where}={value!r}: expected a non-empty name without spaces or slashes")
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 @dataclass
 class ModelConfig:
+    """What model to load and how (also what every evaluator actor receives)."""
+
     name: str = "reference:dense"  # reference:NAME, a hub name, or a local path
-    family: str = "auto"  # auto | encdec | decoder
+    family: str = "auto"  # auto | encdec | decoder | moe
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"
     trust_remote_code: bool = False
     prompt_template: str | None = None  # decoder-only models without a chat template
+
+    def check(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("model.name='': expected reference:dense, a hub name or a local model folder")
+        _one_of("model.family", self.family, ("auto", "encdec", "decoder", "moe"))
+        _one_of("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -40,6 +74,11 @@ class DataConfig:
     max_sentences: int | None = 100
     seed: int = 0
 
+    def check(self) -> None:
+        _positive("data.max_sentences", self.max_sentences, none=True)
+        if not self.languages:
+            raise ConfigError("data.languages: the list is empty; expected language codes such as eng_Latn, de")
+
 
 @dataclass
 class MetricConfig:
@@ -47,6 +86,24 @@ class MetricConfig:
     # auto: flores200, except 'reference' (the shipped SPM) for the shipped reference models
     spm: str = "auto"  # auto | flores200 | reference | PATH to a SentencePiece model
     metrics: list[str] = field(default_factory=lambda: ["spbleu", "chrf++", "bleu"])
+
+    def check(self) -> None:
+        from .metrics import DECODED
+
+        _one_of("metric.primary", self.primary, DECODED)
+        for m in self.metrics:
+            _one_of("metric.metrics", m, DECODED)
+
+    @property
+    def scored(self) -> list[str]:
+        """Every metric computed: the primary one first."""
+        return [self.primary, *(m for m in self.metrics if m != self.primary)]
+
+    def spm_for(self, model: str) -> str:
+        """The SentencePiece model spBLEU uses: ``auto`` resolves by model."""
+        if self.spm != "auto":
+            return self.spm
+        return "reference" if model.startswith("reference:") else "flores200"
 
 
 @dataclass
@@ -59,12 +116,29 @@ class FidelityConfig:
     proxy: str | None = None  # kl | None: no proxy stage
     keep: float = 0.5
 
+    def check(self) -> None:
+        _positive("search.fidelity.sentences", self.sentences, none=True)
+        if not 0 < self.keep <= 1:
+            raise ConfigError(f"search.fidelity.keep={self.keep}: expected a fraction in (0, 1]")
+        if self.proxy not in (None, "kl"):
+            raise ConfigError(f"search.fidelity.proxy={self.proxy!r}: expected kl or null (off)")
 
-@dataclass
-class DecodingConfig:
+    @property
+    def staged(self) -> bool:
+        return self.sentences is not None or self.proxy is not None
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings; part of every evaluation's identity."""
+
     num_beams: int = 1
     max_new_tokens: int = 128
     batch_size: int = 32
+
+    def check(self, where: str = "decoding") -> None:
+        for f in dataclasses.fields(self):
+            _positive(f"{where}.{f.name}", getattr(self, f.name))
 
 
 @dataclass
@@ -81,6 +155,34 @@ class SearchConfig:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     driver: str = "local"  # local (the driver loop) | tune (each candidate a Ray Tune trial)
 
+    def check(self) -> None:
+        from .strategies import STRATEGIES
+        from .units import parse_unit
+
+        _one_of("search.strategy", self.strategy, STRATEGIES)
+        _one_of("search.driver", self.driver, ("local", "tune"))
+        if self.fidelity.staged and self.driver == "tune":
+            raise ConfigError("search.fidelity: staged scoring runs with search.driver=local only")
+        _positive("search.max_evaluations", self.max_evaluations, none=True)
+        _positive("search.threshold", self.threshold, zero=True)
+        _positive("search.target_removed", self.target_removed, none=True)
+        if self.target_params_fraction is not None and not 0 < self.target_params_fraction < 1:
+            raise ConfigError(f"search.target_params_fraction={self.target_params_fraction}: expected 0 < x < 1")
+        for u in self.protect:
+            try:
+                parse_unit(u)
+            except ValueError as e:
+                raise ConfigError(f"search.protect: {e}") from None
+        for name, opts in self.options.items():
+            _one_of("search.options", name, STRATEGIES)
+            if not isinstance(opts, dict):
+                raise ConfigError(f"search.options.{name}={opts!r}: expected a mapping of options, e.g. {{width: 3}}")
+            known = STRATEGIES[name].options()
+            unknown = [k for k in opts if k not in known]
+            if unknown:
+                raise ConfigError(f"search.options.{name}.{unknown[0]}: not an option of strategy {name!r}; "
+                                  f"expected one of {', '.join(known) or '(none)'}")
+
 
 @dataclass
 class ResourcesConfig:
@@ -94,11 +196,29 @@ class ResourcesConfig:
     placement: str = "spread"  # spread: actors round-robin over the nodes | pack: fill one node, then the next
     actor_resources: dict = field(default_factory=dict)  # custom resources each actor needs, e.g. {cullmt: 1}
 
+    def check(self) -> None:
+        _positive("resources.actors", self.actors, none=True)
+        _positive("resources.cpus_per_actor", self.cpus_per_actor)
+        _positive("resources.gpus_per_actor", self.gpus_per_actor, zero=True, none=True)
+        _positive("resources.reserve_cpus", self.reserve_cpus, zero=True)
+        _positive("resources.num_cpus", self.num_cpus, none=True)
+        _one_of("resources.placement", self.placement, ("spread", "pack"))
+        if not 0 < self.trial_cpus <= self.reserve_cpus:
+            raise ConfigError(f"resources.trial_cpus={self.trial_cpus}: expected > 0 and <= "
+                              f"resources.reserve_cpus ({self.reserve_cpus}), the CPUs the actors leave free")
+        for k, v in self.actor_resources.items():
+            if k in ("CPU", "GPU", "memory") or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"resources.actor_resources.{k}={v!r}: expected a custom resource name "
+                                  "(not CPU/GPU/memory) and an amount > 0, e.g. {cullmt: 1}")
+
 
 @dataclass
 class OutputConfig:
     dir: str = "results/runs"
     store: str = "results/store.sqlite"
+
+
+EXPERT_CONTROLS = ("random", "reverse")
 
 
 @dataclass
@@ -122,8 +242,20 @@ class ExpertsConfig:
     # in each layer) | reverse (the selection made for the reverse direction: other languages' experts)
     controls: list[str] = field(default_factory=list)
 
+    def check(self) -> None:
+        from .experts import SCORES
 
-EXPERT_CONTROLS = ("random", "reverse")
+        for r in self.rates:
+            if not 0 < r < 1:
+                raise ConfigError(f"experts.rates: {r} is not a fraction of experts removed in (0, 1)")
+        for c in self.controls:
+            _one_of("experts.controls", c, EXPERT_CONTROLS)
+        _positive("experts.stats_sentences", self.stats_sentences, none=True)
+        _one_of("experts.score", self.score, SCORES)
+        _one_of("experts.mode", self.mode, ("global", "per_layer"))
+        _one_of("experts.granularity", self.granularity, ("language", "pair"))
+        _positive("experts.enc_dec_ratio", self.enc_dec_ratio)
+        _positive("experts.min_per_layer", self.min_per_layer, zero=True)
 
 
 @dataclass
@@ -132,71 +264,57 @@ class SearchRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    decoding: Decoding = field(default_factory=Decoding)
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
+    def check(self) -> None:
+        _plain_name("name", self.name)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _check(value: Any, typ: Any, where: str) -> Any:
-    """Coerce/validate ``value`` against a dataclass field type."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
+# ----------------------------------------------------------------------------- reading
+_LAX = ConfigDict(allow_inf_nan=False, coerce_numbers_to_str=True)
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          dict: "a mapping, e.g. {width: 3}"}
+
+
+def _options(typ: Any) -> tuple[list, bool]:
+    """The non-None types of a (maybe optional) field type, and whether None is allowed."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
         args = typing.get_args(typ)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if typ is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r}: expected a mapping, e.g. {{width: 3}}")
-        return value
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [typ], False
+
+
+def _check(value: Any, typ: Any, where: str) -> Any:
+    """``value`` coerced to a field's type (pydantic's lax mode: "3" -> 3, "yes" -> True, finite numbers
+    only); a list field also takes "a,b" or a single value. A mismatch is a one-line ConfigError."""
     if dataclasses.is_dataclass(typ):
         return from_dict(typ, value, where)
-    if origin is list:
-        if isinstance(value, str) and "," in value:
-            value = [v.strip() for v in value.split(",")]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}={value!r}: expected a list")
-        (inner,) = typing.get_args(typ)
-        return [_check(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}={value!r}: expected true or false")
-    if typ in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r}: expected a number")
-        try:
-            out = typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}={value!r}: expected {'an integer' if typ is int else 'a number'}") from None
-        if typ is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{where}={value!r}: expected an integer")
-        return out
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}={value!r}: expected a string")
-        return str(value)
-    return value
+    options, nullable = _options(typ)
+    if len(options) == 1 and typing.get_origin(options[0]) is list and value is not None \
+            and not isinstance(value, (list, dict)):
+        value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
+    try:
+        return TypeAdapter(typ, config=_LAX).validate_python(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        at = "".join(f"[{i}]" for i in err["loc"] if isinstance(i, int))
+        if err["type"] == "finite_number":
+            raise ConfigError(f"{where}{at}={value!r}: expected a finite number") from None
+        words = " or ".join("a list" if typing.get_origin(o) is list else _WORDS.get(o, str(o)) for o in options)
+        raise ConfigError(f"{where}={value!r}: expected {words}{' (or null)' if nullable else ''}") from None
 
 
 def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """A checked ``cls`` from a mapping: unknown fields, bad types and bad values are one-line errors."""
     if data is None:
-        return cls()
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -207,7 +325,10 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
                           if where != "config" else
                           f"{unknown[0]}: unknown section; expected one of {', '.join(sorted(names))}")
     kwargs = {k: _check(v, hints[k], k if where == "config" else f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(where) if cls is Decoding else obj.check()
+    return obj
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -233,89 +354,23 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None, data: dict |
             raise ConfigError(f"{kind} {str(path)!r} does not exist; expected a YAML file such as {example}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{kind} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{kind} {path}: expected a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. {example_override}")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value)
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SearchRunConfig:
-    """Read a YAML config (or the defaults), apply ``key.sub=value`` overrides, validate."""
-    cfg = from_dict(SearchRunConfig, read_yaml(path, overrides))
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: SearchRunConfig) -> None:
-    from .metrics import METRICS
-
-    ex = cfg.experts
-    for r in ex.rates:
-        if not 0 < r < 1:
-            raise ConfigError(f"experts.rates: {r} is not a fraction of experts removed in (0, 1)")
-    bad = [c for c in ex.controls if c not in EXPERT_CONTROLS]
-    if bad:
-        raise ConfigError(f"experts.controls: {bad[0]!r} is not one of {', '.join(EXPERT_CONTROLS)}")
-    if ex.stats_sentences is not None and ex.stats_sentences < 1:
-        raise ConfigError(f"experts.stats_sentences={ex.stats_sentences}: expected >= 1 (or null for all)")
-    from .experts import Selection
-
-    try:
-        Selection(0.5, ex.score, ex.mode, ex.min_per_layer, ex.enc_dec_ratio, ex.granularity).check()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.metric.primary not in METRICS:
-        raise ConfigError(f"metric.primary={cfg.metric.primary!r}: expected one of {', '.join(METRICS)}")
-    for m in cfg.metric.metrics:
-        if m not in METRICS:
-            raise ConfigError(f"metric.metrics: {m!r} is not a metric; expected {', '.join(METRICS)}")
-    if cfg.metric.spm == "auto":
-        cfg.metric.spm = "reference" if cfg.model.name.startswith("reference:") else "flores200"
-    if cfg.metric.primary not in cfg.metric.metrics:
-        cfg.metric.metrics = [cfg.metric.primary, *cfg.metric.metrics]
-    from .strategies import STRATEGIES
-
-    if cfg.search.strategy not in STRATEGIES:
-        raise ConfigError(f"search.strategy={cfg.search.strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    fid = cfg.search.fidelity
-    if fid.sentences is not None and fid.sentences < 1:
-        raise ConfigError(f"search.fidelity.sentences={fid.sentences}: expected >= 1 sentences (or null for off)")
-    if not 0 < fid.keep <= 1:
-        raise ConfigError(f"search.fidelity.keep={fid.keep}: expected a fraction in (0, 1]")
-    if fid.proxy not in (None, "kl"):
-        raise ConfigError(f"search.fidelity.proxy={fid.proxy!r}: expected kl or null (off)")
-    if (fid.sentences is not None or fid.proxy) and cfg.search.driver == "tune":
-        raise ConfigError("search.fidelity: staged scoring runs with search.driver=local only")
-    if cfg.search.driver not in ("local", "tune"):
-        raise ConfigError(f"search.driver={cfg.search.driver!r}: expected local or tune")
-    if not 0 < cfg.resources.trial_cpus <= cfg.resources.reserve_cpus:
-        raise ConfigError(f"resources.trial_cpus={cfg.resources.trial_cpus}: expected > 0 and <= "
-                          f"resources.reserve_cpus ({cfg.resources.reserve_cpus}), the CPUs the actors leave free")
-    if cfg.search.max_evaluations is not None and cfg.search.max_evaluations < 1:
-        raise ConfigError(f"search.max_evaluations={cfg.search.max_evaluations}: expected >= 1")
-    if cfg.search.threshold < 0:
-        raise ConfigError(f"search.threshold={cfg.search.threshold}: expected >= 0 (metric points)")
-    if cfg.search.target_params_fraction is not None and not 0 < cfg.search.target_params_fraction < 1:
-        raise ConfigError(f"search.target_params_fraction={cfg.search.target_params_fraction}: expected 0 < x < 1")
-    if cfg.search.target_removed is not None and cfg.search.target_removed < 1:
-        raise ConfigError(f"search.target_removed={cfg.search.target_removed}: expected >= 1")
-    if cfg.decoding.num_beams < 1 or cfg.decoding.batch_size < 1 or cfg.decoding.max_new_tokens < 1:
-        raise ConfigError("decoding: num_beams, batch_size and max_new_tokens must be >= 1")
-    if cfg.data.max_sentences is not None and cfg.data.max_sentences < 1:
-        raise ConfigError(f"data.max_sentences={cfg.data.max_sentences}: expected >= 1 (or null for all)")
-    if cfg.resources.actors is not None and cfg.resources.actors < 1:
-        raise ConfigError(f"resources.actors={cfg.resources.actors}: expected >= 1")
-    if cfg.resources.cpus_per_actor <= 0:
-        raise ConfigError(f"resources.cpus_per_actor={cfg.resources.cpus_per_actor}: expected > 0")
-    if cfg.resources.placement not in ("spread", "pack"):
-        raise ConfigError(f"resources.placement={cfg.resources.placement!r}: expected spread or pack")
-    for k, v in cfg.resources.actor_resources.items():
-        if k in ("CPU", "GPU", "memory") or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ConfigError(f"resources.actor_resources.{k}={v!r}: expected a custom resource name "
-                              "(not CPU/GPU/memory) and an amount > 0, e.g. {cullmt: 1}")
-    if not cfg.name or any(c in cfg.name for c in "/\\ "):
-        raise ConfigError(f"name={cfg.name!r}: expected a non-empty name without spaces or slashes")
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> SearchRunConfig:
+    """A YAML config (or ``data``, or the defaults) with ``key.sub=value`` overrides, checked."""
+    return from_dict(SearchRunConfig, read_yaml(path, overrides, data))

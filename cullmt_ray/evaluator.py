@@ -17,11 +17,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from .candidate import Candidate
+from .config import Decoding, ModelConfig, ResourcesConfig
 from .data import DevSet, Direction, direction_name
-from .families import Decoding, ModelSpec, load_family
-from .metrics import Scorer
+from .evaluation import RunError
+from .families import load_family
+from .metrics import METRICS, Scorer
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class EvalSettings:
 class EvaluatorActor:
     """One model replica. Created through :class:`EvaluatorPool` as a Ray actor."""
 
-    def __init__(self, spec: ModelSpec, devset: DevSet, settings: EvalSettings, threads: int, name: str):
+    def __init__(self, spec: ModelConfig, devset: DevSet, settings: EvalSettings, threads: int, name: str):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -76,7 +79,7 @@ class EvaluatorActor:
         """Teacher-forced KL(full || pruned) of a prune set, nats per target token (no decoding).
 
         The result has :meth:`evaluate`'s shape: ``metrics["kl"]`` per direction and mean, score
-        ``-mean`` (higher is better), ``sentences`` 0 generated (``teacher_forced`` says how many
+        ``-mean`` (the ranked score, :meth:`Metric.ranked`), ``sentences`` 0 generated (``teacher_forced`` says how many
         were scored). The full model's distributions are recomputed, not cached: with a large
         vocabulary they would not fit.
         """
@@ -92,7 +95,7 @@ class EvaluatorActor:
             per_direction[direction_name((src, tgt))] = kl_to_full(self.family, batches, removed)  # unrounded: tiny KLs still rank
         mean = sum(per_direction.values()) / len(per_direction)
         size = self.family.size(removed)
-        return {"score": -mean, "metrics": {"kl": {**per_direction, "mean": mean}}, "params": size.params,
+        return {"score": METRICS["kl"].ranked(mean), "metrics": {"kl": {**per_direction, "mean": mean}}, "params": size.params,
                 "bytes": size.bytes, "sentences": 0, "teacher_forced": n * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
@@ -142,9 +145,6 @@ class EvaluatorActor:
         return socket.gethostname()  # the node's host; the name says node id, run and slot
 
 
-LOWER_IS_BETTER = {"kl"}  # metrics whose score is their negated mean
-
-
 def merge_results(parts: list[dict], metric: str) -> dict:
     """One candidate's result from its per-direction results: means recomputed, costs summed."""
     metrics: dict[str, dict[str, float]] = {}
@@ -153,29 +153,15 @@ def merge_results(parts: list[dict], metric: str) -> dict:
             metrics.setdefault(m, {}).update({d: v for d, v in per.items() if d != "mean"})
     for m, per in metrics.items():
         ordered = dict(sorted(per.items()))
-        mean = sum(ordered.values()) / len(ordered)
-        metrics[m] = {**ordered, "mean": mean if m in LOWER_IS_BETTER else round(mean, 4)}  # tiny KLs still rank
+        metrics[m] = {**ordered, "mean": METRICS[m].rounded(sum(ordered.values()) / len(ordered))}
     first = parts[0]
-    mean = metrics[metric]["mean"]
-    return {"score": -mean if metric in LOWER_IS_BETTER else mean, "metrics": metrics, "params": first["params"],
+    return {"score": METRICS[metric].ranked(metrics[metric]["mean"]), "metrics": metrics, "params": first["params"],
             "bytes": first["bytes"], "sentences": sum(p["sentences"] for p in parts),
             "seconds": sum(p["seconds"] for p in parts),
             "actor": ",".join(sorted({p["actor"] for p in parts}))}
 
 
-@dataclass(frozen=True)
-class Resources:
-    """How many actors and what each reserves. ``None`` means: decide from the cluster."""
-
-    actors: int | None = None
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = None
-    reserve_cpus: float = 0.1  # left free for the driver and light Ray Tune trials
-    placement: str = "spread"  # spread: round-robin over the nodes | pack: fill a node, then the next
-    actor_resources: dict | None = None  # custom resources each actor needs, e.g. {"cullmt": 1}
-
-
-def plan_actors(res: Resources) -> tuple[int, float, float, int]:
+def plan_actors(res: ResourcesConfig) -> tuple[int, float, float, int]:
     """(actors, num_cpus per actor, num_gpus per actor, torch threads per actor) for this cluster."""
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
@@ -221,7 +207,8 @@ def place_actors(n: int, need: dict[str, float], placement: str = "spread") -> l
 class EvaluatorPool:
     """A set of evaluator actors; spreads candidates over them and yields results as they finish."""
 
-    def __init__(self, spec: ModelSpec, devset: DevSet, settings: EvalSettings, resources: Resources = Resources(),
+    def __init__(self, spec: ModelConfig, devset: DevSet, settings: EvalSettings,
+                 resources: ResourcesConfig = ResourcesConfig(),
                  run: str = "run"):
         n, cpu, gpu, threads = plan_actors(resources)
         # Held for the pool's lifetime: a restarted actor re-reads its constructor arguments
@@ -248,38 +235,49 @@ class EvaluatorPool:
         return len(self.actors)
 
     def evaluate(self, jobs: Iterable[tuple[Candidate, list[Direction]]], limit: int | None = None,
-                 proxy: str | None = None) -> Iterator[tuple[Candidate, dict]]:
-        """Yield ``(candidate, result)`` as candidates complete; with ``proxy="kl"`` the result is the
-        teacher-forced KL to the full model (:meth:`EvaluatorActor.kl`) instead of decoding.
+                 metric: str | None = None) -> Iterator[tuple[Candidate, dict]]:
+        """Yield ``(candidate, result)`` as candidates complete, scored by ``metric`` (default the primary
+        one); a metric that needs no decoding (the KL proxy) runs :meth:`EvaluatorActor.kl` instead.
 
         Each candidate is split into one task per direction, so that every actor stays busy even
         when there are fewer candidates than actors (the baseline, a final held-out check); an
         actor runs one task at a time. A candidate's result is its tasks' results merged.
         """
-        pending: list[tuple[Candidate, Direction]] = [(c, d) for c, dirs in jobs for d in dirs][::-1]
+        metric = metric or self.metric
+        method = "evaluate" if METRICS[metric].decoded else metric
+        tasks = [(c, d) for c, dirs in jobs for d in dirs]
         parts_left: dict[Candidate, int] = {}
-        parts: dict[Candidate, list[dict]] = {}
-        for c, _ in pending:
+        for c, _ in tasks:
             parts_left[c] = parts_left.get(c, 0) + 1
-        running: dict[ray.ObjectRef, tuple[int, Candidate]] = {}
-        free = list(range(len(self.actors)))
-        if proxy not in (None, "kl"):
-            raise ValueError(f"proxy={proxy!r}: expected kl or None")
-        method = "kl" if proxy else "evaluate"
-        metric = "kl" if proxy else self.metric
-        while pending or running:
-            while pending and free:
-                i = free.pop(0)
-                cand, direction = pending.pop()
-                call = getattr(self.actors[i], method)
-                running[call.remote(cand.units, [direction], limit)] = (i, cand)
-            done, _ = ray.wait(list(running), num_returns=1)
-            i, cand = running.pop(done[0])
-            free.append(i)
-            parts.setdefault(cand, []).append(ray.get(done[0]))
+        parts: dict[Candidate, list[dict]] = {}
+        calls = ((c, lambda a, c=c, d=d: getattr(a, method).remote(c.units, [d], limit)) for c, d in tasks)
+        for cand, part in self._spread(calls):
+            parts.setdefault(cand, []).append(part)
             parts_left[cand] -= 1
             if parts_left[cand] == 0:
                 yield cand, merge_results(parts.pop(cand), metric)
+
+    def _spread(self, calls: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """Run ``(key, actor -> ObjectRef)`` calls in order, one at a time per actor; yield ``(key, result)``
+        as they finish (every actor stays busy while calls are left)."""
+        pending = iter(calls)
+        running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        free = list(range(len(self.actors)))
+        while True:
+            while free and (nxt := next(pending, None)) is not None:
+                i = free.pop(0)
+                running[nxt[1](self.actors[i])] = (i, nxt[0])
+            if not running:
+                return
+            done, _ = ray.wait(list(running), num_returns=1)
+            i, key = running.pop(done[0])
+            free.append(i)
+            try:
+                yield key, ray.get(done[0])
+            except RayActorError as e:
+                raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
+                               f"({type(e).__name__}); every finished evaluation is stored: resume the run "
+                               "(cullmt-ray search --resume RUN_DIR)") from e
 
     def proxies(self, units: list[str], directions: list[Direction]) -> dict:
         """Importance proxies for ``units`` (see :mod:`cullmt_ray.proxies`), units spread over the actors."""
@@ -304,18 +302,9 @@ class EvaluatorPool:
                        decoding: Decoding | None = None) -> Iterator[tuple[Any, list[str]]]:
         """Spread ``(key, removed, sources, src, tgt)`` translation jobs over the actors (one at a time
         each); yield ``(key, hypotheses)`` as jobs finish. Used for KD data (:mod:`cullmt_ray.heal.kd`)."""
-        pending = list(jobs)[::-1]
-        running: dict[ray.ObjectRef, tuple[int, Any]] = {}
-        free = list(range(len(self.actors)))
-        while pending or running:
-            while pending and free:
-                i = free.pop(0)
-                key, removed, sources, src, tgt = pending.pop()
-                running[self.actors[i].translate.remote(list(removed), list(sources), src, tgt, decoding)] = (i, key)
-            done, _ = ray.wait(list(running), num_returns=1)
-            i, key = running.pop(done[0])
-            free.append(i)
-            yield key, ray.get(done[0])
+        return self._spread((key, lambda a, r=removed, s=sources, src=src, tgt=tgt:
+                             a.translate.remote(list(r), list(s), src, tgt, decoding))
+                            for key, removed, sources, src, tgt in jobs)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -15,49 +15,55 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import replace
+import logging
 from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
 import ray
-import yaml
 
 from .atomic import write_json, write_text
 from .candidate import BASELINE, Candidate
-from .config import SearchRunConfig
+from .config import ConfigError, SearchRunConfig
 from .data import direction_name, load_devset
 from .experts import Selection, jaccard, select, side_stats
-from .families.moe import split_unit
-from .search import SearchError, new_run_dir, open_session
+from .units import split_expert
+from .session import open_session
+
+log = logging.getLogger("cullmt_ray")
 
 MAX_LOSS = 1.0  # points of the primary metric: the "how many experts can go" question
 
 
-def run_expert_study(cfg: SearchRunConfig, export: list[str] = (), log: Callable[[str], None] = print) -> Path:
+def _require_moe(cfg: SearchRunConfig) -> None:
+    from transformers import AutoConfig
+
+    from .families import resolve_model_path
+
+    conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    if "moe" not in getattr(conf, "model_type", ""):
+        raise ConfigError(f"model.name={cfg.model.name!r} is a {conf.model_type} model; expert pruning needs "
+                       "NLLB-MoE (e.g. reference:moe or facebook/nllb-moe-54b)")
+
+
+def run_expert_study(cfg: SearchRunConfig, export: list[str] = ()) -> Path:
     ex = cfg.experts
-    run_dir = new_run_dir(replace(cfg, name=f"{cfg.name}-experts"))
-    run_dir.mkdir(parents=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    session = open_session(cfg, run_dir.name)
-    try:
+    _require_moe(cfg)
+    with open_session(cfg, "experts") as session:
+        run_dir = session.run_dir
         info = session.pool.info[0]
-        if info["family"] != "moe":
-            raise SearchError(f"model.name={cfg.model.name!r} is a {info['family']} model; expert pruning needs "
-                              "NLLB-MoE (e.g. reference:moe or facebook/nllb-moe-54b)")
         dirs = session.calibration.directions
         stats_ds = load_devset(ex.stats_dev or cfg.data.dev, cfg.data.languages, ex.stats_split or cfg.data.split)
         stats_ds = stats_ds.subsample(ex.stats_sentences, cfg.data.seed)
-        log(f"[cullmt-ray] gate statistics: {len(stats_ds)} sentences x {len(dirs)} directions from {stats_ds.source}"
-            f" ({'teacher forcing' if ex.teacher_forced else 'translating'})")
+        log.info("gate statistics: %d sentences x %d directions from %s (%s)", len(stats_ds), len(dirs),
+                 stats_ds.source, "teacher forcing" if ex.teacher_forced else "translating")
         lines = {k: list(v) for k, v in stats_ds.lines.items()}
         stats = session.pool.gate_stats(lines, dirs, ex.teacher_forced)
         write_json(run_dir / "gate_stats.json", {"source": stats_ds.source, "sentences": len(stats_ds),
                                                  "teacher_forced": ex.teacher_forced, "directions": stats})
         present: dict[str, list[int]] = {}
         for u in info["units"]:
-            layer, e = split_unit(u)
+            layer, e = split_expert(u)
             present.setdefault(layer, []).append(e)
         plans = []  # (rate, direction, removed)
         for rate in ex.rates:
@@ -69,7 +75,7 @@ def run_expert_study(cfg: SearchRunConfig, export: list[str] = (), log: Callable
         (baseline,) = session.evaluate([BASELINE], "baseline")
         rows, control_rows = [], []
         for d in dirs:
-            es = session.evalset([d])
+            es = session.service.evalset([d])
             mine = [p for p in plans if p[1] == d]
             theirs = [c for c in controls if c[2] == d]
             evs = session.evaluate([Candidate.of(p[2]) for p in mine] + [Candidate.of(c[3]) for c in theirs],
@@ -85,9 +91,9 @@ def run_expert_study(cfg: SearchRunConfig, export: list[str] = (), log: Callable
                              "bytes_kept_fraction": round(ev.bytes / baseline.bytes, 4), "score": ev.score,
                              "baseline": base, "loss": round(base - ev.score, 4),
                              "chrf++": ev.metrics.get("chrf++", {}).get("mean"), "removed": removed})
-            log(f"[cullmt-ray] {name}: " + ", ".join(f"{r['rate']:.0%} -> {r['score']:.2f}" for r in rows
-                                                       if r["direction"] == name))
-        report = _report(cfg, rows, plans, baseline, session.calibration.description["signatures"], present)
+            log.info("%s: %s", name, ", ".join(f"{r['rate']:.0%} -> {r['score']:.2f}" for r in rows
+                                              if r["direction"] == name))
+        report = _report(cfg, rows, plans, baseline, session.signatures, present)
         report["controls"] = _control_summary(ex.controls, ex.rates, rows, control_rows)
         exported = {}
         for spec in export:
@@ -98,11 +104,9 @@ def run_expert_study(cfg: SearchRunConfig, export: list[str] = (), log: Callable
         table = pd.DataFrame([{k: v for k, v in r.items() if k != "removed"} | {"removed": " ".join(r["removed"])}
                               for r in rows])
         write_text(run_dir / "experts.csv", table.to_csv(index=False))
-        log(f"[cullmt-ray] report: {run_dir / 'experts.md'}")
+        session.finish(files={"report": "experts.md", "json": "experts.json", "csv": "experts.csv"})
+        log.info("report: %s", run_dir / "experts.md")
         return run_dir
-    finally:
-        session.pool.shutdown()
-        session.store.close()
 
 
 def _report(cfg: SearchRunConfig, rows: list[dict], plans: list, baseline, signatures: dict,
@@ -157,7 +161,7 @@ def _controls(plans: list, present: dict[str, list[int]], kinds: list[str], seed
     for rate, d, removed in plans:
         if "random" in kinds:
             rng = random.Random(f"{seed}|{rate}|{direction_name(d)}")
-            per_layer = Counter(split_unit(u)[0] for u in removed)
+            per_layer = Counter(split_expert(u)[0] for u in removed)
             out.append(("random", rate, d, sorted(f"{layer}.expert.{e}" for layer, n in per_layer.items()
                                                   for e in rng.sample(present[layer], n))))
         if "reverse" in kinds and (rate, (d[1], d[0])) in by_key:
@@ -181,7 +185,7 @@ def _export(session, spec: str, plans: list, run_dir: Path, report: dict) -> Pat
     name, _, rate = spec.partition("@")
     match = [p for p in plans if direction_name(p[1]) == name and str(p[0]) == rate]
     if not match:
-        raise SearchError(f"--export {spec!r}: expected DIRECTION@RATE from this run, e.g. "
+        raise ConfigError(f"--export {spec!r}: expected DIRECTION@RATE from this run, e.g. "
                           f"{direction_name(plans[0][1])}@{plans[0][0]}")
     removed = match[0][2]
     out = run_dir / "export" / f"{name}-{rate}"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .families.moe import expert_unit
+from .units import expert_unit
 
 SCORES = ("importance", "activity", "top1", "mean_prob")
 

@@ -19,8 +19,35 @@ import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers.tokenizer_base import BaseTokenizer
 
-METRICS = ("spbleu", "chrf++", "bleu")
 REFERENCE_SPM = "reference"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a score means: its name, its direction, and whether it needs translations.
+
+    A search ranks candidates by :meth:`ranked` (higher is better for every metric); the decoded
+    metrics' signatures come from sacrebleu (:meth:`Scorer.signatures`), the KL proxy's is fixed.
+    """
+
+    name: str
+    higher_is_better: bool = True
+    decoded: bool = True  # computed from translations (else teacher-forced, no decoding)
+    digits: int | None = 4  # rounding of per-direction and mean scores (None: unrounded, tiny KLs still rank)
+    fixed_signature: str | None = None
+
+    def ranked(self, mean: float) -> float:
+        """The score a search maximises."""
+        return mean if self.higher_is_better else -mean
+
+    def rounded(self, value: float) -> float:
+        return value if self.digits is None else round(value, self.digits)
+
+
+KL = Metric("kl", higher_is_better=False, decoded=False, digits=None,
+            fixed_signature="kl:full||pruned|teacher-forced|reference-targets|unit:nats/token")
+METRICS: dict[str, Metric] = {m.name: m for m in (Metric("spbleu"), Metric("chrf++"), Metric("bleu"), KL)}
+DECODED = tuple(n for n, m in METRICS.items() if m.decoded)
 
 
 class MetricError(ValueError):
@@ -74,12 +101,12 @@ class Scorer:
     """Computes the configured metrics for one direction at a time."""
 
     spm: str = "flores200"
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = DECODED
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in DECODED]
         if unknown:
-            raise MetricError(f"unknown metric {unknown[0]!r}: expected one of {', '.join(METRICS)}")
+            raise MetricError(f"unknown metric {unknown[0]!r}: expected one of {', '.join(DECODED)}")
         self._bleu = BLEU()
         self._chrf = CHRF(word_order=2)
         self._spbleu = None

@@ -5,13 +5,14 @@ Every file is written atomically and loads with pandas/pyarrow alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from .atomic import atomic_path, save_figure, write_json
-from .store import Evaluation
+from .candidate import Evaluation
 
 
 def non_dominated(evals: Iterable[Evaluation]) -> list[Evaluation]:
@@ -107,4 +108,41 @@ def export_front(evals: list[Evaluation], baseline: Evaluation, out_dir: Path, m
         "metric": metric, "baseline": {"params": baseline.params, "score": baseline.score},
         "front_size": len(front), "evaluations": len(evals),
         "hypervolume": round(hypervolume(evals, baseline.params), 4)})
+    return files
+
+
+def strategy_path(trace: dict, baseline: Evaluation) -> list[tuple[int, float]]:
+    """(params, score) of the baseline and of every accepted step, for the plot."""
+    pts = [(baseline.params, baseline.score)]
+    pts += [(s["params"], s["best_score"]) for s in trace.get("steps", []) if s.get("accepted")]
+    return pts
+
+
+def export_context(store, context: str, out_dir: Path, title: str | None = None,
+                   trace: dict | None = None) -> dict[str, Path]:
+    """The front of one store context (its baseline evaluation must be there), with a strategy's path."""
+    from .candidate import BASELINE
+
+    baseline = store.get(context, BASELINE)
+    if baseline is None:
+        raise ValueError(f"{store.path}: context {context} has no baseline evaluation; nothing to export")
+    desc = store.context_description(context)
+    evals = list(store.evaluations(context))
+    paths = {trace.get("strategy", "search"): strategy_path(trace, baseline)} if trace else None
+    title = title or f"{desc['model']} on {desc['eval']['source']}"
+    return export_front(evals, baseline, out_dir, desc["metric"], f"{title} ({len(evals)} evaluations)", paths)
+
+
+def export_store(store, out: Path) -> list[Path]:
+    """For every context in ``store`` with a baseline, its front under ``out/<context>/``."""
+    from .candidate import BASELINE
+
+    files: list[Path] = []
+    for context in store.contexts():
+        if not re.fullmatch(r"[0-9a-f]{16}", context):
+            raise ValueError(f"{store.path}: context key {context!r} is not one cullmt-ray writes (16 hex digits)")
+        if store.get(context, BASELINE) is not None:
+            files += list(export_context(store, context, out / context).values())
+    if not files:
+        raise ValueError(f"{store.path}: no context with a baseline evaluation; nothing to export")
     return files

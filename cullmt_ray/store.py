@@ -13,10 +13,9 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .candidate import Candidate
+from .candidate import Candidate, Evaluation
 from .data import dumps_canonical
 
 SCHEMA = """
@@ -44,43 +43,65 @@ CREATE TABLE IF NOT EXISTS evaluations (
 """
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """One scored candidate."""
-
-    candidate: Candidate
-    score: float
-    params: int
-    bytes: int
-    metrics: dict
-    sentences: int
-    seconds: float
-    strategy: str | None = None
-    run: str | None = None
-    actor: str | None = None
-    cached: bool = field(default=False, compare=False)
-
-    def as_row(self) -> dict:
-        return {"candidate": self.candidate.key, "units": self.candidate.units, "n_removed": len(self.candidate),
-                "params": self.params, "bytes": self.bytes, "score": self.score, "metrics": self.metrics,
-                "sentences": self.sentences, "seconds": self.seconds, "strategy": self.strategy,
-                "run": self.run, "actor": self.actor}
+def _check_file(path: Path) -> None:
+    """An existing store file must be a SQLite database with cullmt-ray's tables (or none yet)."""
+    if not path.is_file():
+        raise StoreError(f"results store {str(path)!r} is not a file; expected a SQLite file such as "
+                         "results/store.sqlite")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) == 0:
+        raise StoreError(f"results store {str(path)!r} is an empty file (0 bytes): its evaluations are gone; "
+                         "remove it to start a new store, or give the right --store")
+    if head != b"SQLite format 3\x00":
+        raise StoreError(f"results store {str(path)!r} is not a SQLite database; expected a cullmt-ray store")
+    db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    try:
+        tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"results store {str(path)!r}: unreadable SQLite database ({e})") from None
+    finally:
+        db.close()
+    if tables and not {"contexts", "evaluations"} <= tables:
+        raise StoreError(f"results store {str(path)!r} is a SQLite database of something else (tables "
+                         f"{', '.join(sorted(tables))}); expected a cullmt-ray store")
 
 
 def context_key(description: dict) -> str:
     return hashlib.sha256(dumps_canonical(description).encode()).hexdigest()[:16]
 
 
+class StoreError(ValueError):
+    """A results store that cannot be used; one line naming the file."""
+
+
 class ResultStore:
     """SQLite-backed store; safe for one writer process (the driver) and many readers."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        if self.path.exists():
+            _check_file(self.path)
+        elif read_only:
+            raise StoreError(f"results store {str(path)!r} does not exist")
+        try:
+            if read_only:
+                self.db = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30,
+                                          isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"results store {str(path)!r}: cannot open it ({e})") from None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.db.close()
@@ -94,7 +115,10 @@ class ResultStore:
         row = self.db.execute("SELECT description FROM contexts WHERE context=?", (context,)).fetchone()
         if row is None:
             raise KeyError(f"context {context} is not in {self.path}")
-        return json.loads(row[0])
+        return _json(row[0], self.path, f"context {context}")
+
+    def contexts(self) -> list[str]:
+        return [c for (c,) in self.db.execute("SELECT context FROM contexts ORDER BY rowid")]
 
     def get(self, context: str, candidate: Candidate) -> Evaluation | None:
         row = self.db.execute("SELECT * FROM evaluations WHERE context=? AND candidate=?",
@@ -124,9 +148,16 @@ class ResultStore:
             return self.db.execute("SELECT COUNT(*) FROM evaluations WHERE context=?", (context,)).fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
 
-    @staticmethod
-    def _from_row(row, cached: bool) -> Evaluation:
-        (_ctx, _key, units, _n, params, nbytes, score, metrics, sentences, seconds, strategy, run, actor,
+    def _from_row(self, row, cached: bool) -> Evaluation:
+        (ctx, key, units, _n, params, nbytes, score, metrics, sentences, seconds, strategy, run, actor,
          _created) = row
-        return Evaluation(Candidate.of(json.loads(units)), score, params, nbytes, json.loads(metrics), sentences,
-                          seconds, strategy, run, actor, cached=cached)
+        where = f"row (context {ctx}, candidate {key})"
+        return Evaluation(Candidate.of(_json(units, self.path, where)), score, params, nbytes,
+                          _json(metrics, self.path, where), sentences, seconds, strategy, run, actor, cached=cached)
+
+
+def _json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise StoreError(f"results store {path}: {where} holds broken JSON {str(text)[:40]!r}") from None

@@ -40,7 +40,7 @@ QUIET_LOGGERS = {"ray.dashboard.modules.dashboard_sdk": logging.WARNING, "ray.da
                  "ray._private.runtime_env.working_dir": logging.ERROR}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ValueError):
     """Submission cannot go on; the message is one line naming the value and what is expected."""
 
 

@@ -19,10 +19,9 @@ import ray
 from ray import tune
 from ray.tune.search import Searcher
 
-from . import monitoring
-from .candidate import Candidate
+from .candidate import Candidate, Evaluation
+from .evaluation import EvalSet, EvaluationService
 from .evaluator import merge_results
-from .store import Evaluation, ResultStore
 from .strategies import BaseStrategy
 
 
@@ -38,17 +37,15 @@ def evaluate_trial(config: dict, actors: list, directions: list, metric: str) ->
 
 
 class StrategySearcher(Searcher):
-    """A :class:`BaseStrategy` as a Ray Tune searcher, backed by the results store."""
+    """A :class:`BaseStrategy` as a Ray Tune searcher; lookups and results go through the evaluation service."""
 
-    def __init__(self, strategy: BaseStrategy, store_path: str, context: str, run: str):
+    def __init__(self, strategy: BaseStrategy, service: EvaluationService, es: EvalSet):
         super().__init__(metric="score", mode="max")
-        self.strategy, self.context, self.run = strategy, context, run
-        self.store = ResultStore(store_path)
+        self.strategy, self.service, self.es = strategy, service, es
         self.batch: list[Candidate] = []
         self.queue: list[Candidate] = []
         self.running: dict[str, Candidate] = {}
         self.results: dict[Candidate, Evaluation] = {}
-        self.computed = self.cached = 0
         self.finished = False
         self.error = ""
 
@@ -62,18 +59,16 @@ class StrategySearcher(Searcher):
                 self.finished = True
                 return
             for c in self.batch:
-                hit = self.store.get(self.context, c)
+                hit = self.service.lookup(c, self.es, self.strategy.name)
                 if hit is not None:
                     self.results[c] = hit
-                    self.cached += 1
-                    monitoring.store_hit(self.run, self.strategy.name, hit)
                 else:
                     self.queue.append(c)
 
     def __getstate__(self) -> dict:
-        # Tune pickles its searcher into the experiment folder; the store connection and the
+        # Tune pickles its searcher into the experiment folder; the service (store, pool) and the
         # strategy (an Optuna study, say) stay out: a killed run resumes from the store instead.
-        return {k: v for k, v in self.__dict__.items() if k not in ("store", "strategy")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("service", "strategy")}
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the store holds every result, and a resumed run replays the strategy from it."""
@@ -101,22 +96,18 @@ class StrategySearcher(Searcher):
         if error or not result or "score" not in result:
             self.error = f"the Tune trial for {c} failed; its error is in the Tune experiment folder"
             return
-        ev = Evaluation(c, float(result["score"]), int(result["params"]), int(result["bytes"]),
-                        json.loads(result["metrics_json"]),
-                        int(result["sentences"]), float(result["seconds"]), self.strategy.name, self.run,
-                        result.get("actor"))
-        self.store.put(self.context, ev)
-        monitoring.evaluated(ev)
-        self.results[c] = ev
-        self.computed += 1
+        res = {k: result[k] for k in ("score", "params", "bytes", "sentences", "seconds")}
+        res.update(metrics=json.loads(result["metrics_json"]), actor=result.get("actor"))
+        self.results[c] = self.service.record(c, res, self.es, self.strategy.name)
 
 
 def run_with_tune(strategy: BaseStrategy, session, trial_cpus: float, storage: Path) -> StrategySearcher:
-    """Drive ``strategy`` through ``tune.Tuner``; returns the searcher (counts, finished strategy)."""
-    searcher = StrategySearcher(strategy, str(session.store.path), session.calibration.context, session.run_id)
+    """Drive ``strategy`` through ``tune.Tuner``; returns the searcher (finished strategy, results)."""
+    es = session.calibration
+    searcher = StrategySearcher(strategy, session.service, es)
     trainable = tune.with_resources(
-        tune.with_parameters(evaluate_trial, actors=session.pool.actors, directions=session.calibration.directions,
-                             metric=session.cfg.metric.primary),
+        tune.with_parameters(evaluate_trial, actors=session.pool.actors, directions=es.directions,
+                             metric=es.metric.name),
         {"cpu": trial_cpus})
     tuner = tune.Tuner(
         trainable,

@@ -57,9 +57,10 @@ def write_self_reference_devset(model_dir: Path, out_dir: Path, sources: list[st
     layer keeps 100, removing a real layer lowers the score, and removing a layer listed in
     ``removed`` (a 'destructive' layer) raises it to 100.
     """
-    from cullmt_ray.families import ModelSpec, load_family
+    from cullmt_ray.config import ModelConfig
+    from cullmt_ray.families import load_family
 
-    fam = load_family(ModelSpec(str(model_dir)))
+    fam = load_family(ModelConfig(str(model_dir)))
     with fam.apply(removed):
         refs = fam.translate(sources, src, tgt)
     assert all(refs), "the tiny model produced an empty output; pick another seed"

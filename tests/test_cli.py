@@ -64,7 +64,7 @@ def test_evaluate_rejects_unknown_unit(tmp_path, tiny_encdec):
 
 def _count(store) -> int:
     try:
-        with sqlite3.connect(store) as db:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:  # never creates the file
             return db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
     except sqlite3.Error:
         return 0

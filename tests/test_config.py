@@ -23,13 +23,13 @@ def test_shipped_heal_recipes_validate(path):
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_shipped_search_spaces_validate(path):
     cfg = load_config(path)
-    assert cfg.metric.primary in cfg.metric.metrics and cfg.metric.spm != "auto"
+    assert cfg.metric.scored[0] == cfg.metric.primary and cfg.metric.spm_for(cfg.model.name) != "auto"
 
 
 def test_defaults_are_the_embedded_demo():
     cfg = load_config(None)
     assert cfg.model.name == "reference:dense" and cfg.data.dev == "builtin:demo"
-    assert cfg.metric.spm == "reference" and cfg.search.strategy == "greedy"
+    assert cfg.metric.spm_for(cfg.model.name) == "reference" and cfg.search.strategy == "greedy"
 
 
 def test_overrides_and_types():
@@ -37,7 +37,22 @@ def test_overrides_and_types():
                              "data.max_sentences=null", "model.name=facebook/nllb-200-distilled-600M"])
     assert cfg.search.threshold == 1.5 and cfg.data.languages == ["en", "de"]
     assert cfg.search.protect == ["enc.0", "dec.5"] and cfg.data.max_sentences is None
-    assert cfg.metric.spm == "flores200"  # auto resolves to flores200 for non-reference models
+    assert cfg.metric.spm_for(cfg.model.name) == "flores200"  # auto: flores200 for non-reference models
+
+
+def test_a_single_value_is_a_list_of_one():
+    cfg = load_config(None, ["search.protect=enc.0", "data.languages=de"])
+    assert cfg.search.protect == ["enc.0"] and cfg.data.languages == ["de"]
+    with pytest.raises(ConfigError, match="search.protect: unit 'encoder.0'"):
+        load_config(None, ["search.protect=encoder.0"])
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan"])
+def test_numbers_must_be_finite(value):
+    with pytest.raises(ConfigError, match="expected a finite"):
+        load_config(None, [f"search.threshold={value}"])
+    with pytest.raises(ConfigError, match="search.target_removed"):
+        load_config(None, [f"search.target_removed={value}"])
 
 
 @pytest.mark.parametrize("sets,message", [

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cullmt_ray.experts import Selection, select, side_stats
-from cullmt_ray.families import FamilyError, ModelSpec, load_family
+from cullmt_ray.config import ModelConfig
+from cullmt_ray.families import FamilyError, load_family
 
 from .conftest import search_config, write_self_reference_devset
 
@@ -31,7 +32,7 @@ def tiny_moe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def family(tiny_moe):
-    return load_family(ModelSpec(str(tiny_moe)))
+    return load_family(ModelConfig(str(tiny_moe)))
 
 
 def routed(family, inputs) -> dict[str, torch.Tensor]:
@@ -161,7 +162,7 @@ def test_export_with_uneven_counts_round_trips_through_the_loader(family, tmp_pa
     assert cfg["num_experts"] == 3 and cfg["cullmt_missing_experts"] == {"model.encoder.layers.1.ffn": [2]}
     meta = json.loads((out / "cullmt_ray.json").read_text())
     assert meta["loader"] == "cullmt_ray.families.moe.load_pruned_moe" and meta["kept_experts"]["enc.1"] == [1, 2]
-    again = load_family(ModelSpec(str(out)))
+    again = load_family(ModelConfig(str(out)))
     assert again.translate(SRC, "eng_Latn", "deu_Latn") == expected
     # the router keeps one (zero, masked) row for enc.1's missing slot: the only overhead of uneven counts
     assert again.size().params == family.size(removed).params + 64
@@ -173,7 +174,7 @@ def test_expert_study_on_ray_writes_report_and_export(ray_cluster, tiny_moe, tmp
     dev = write_self_reference_devset(tiny_moe, tmp_path / "dev", SRC)
     cfg = search_config(tmp_path, tiny_moe, dev, experts__rates="[0.25, 0.5]", decoding__max_new_tokens=24,
                         experts__controls="[random, reverse]", name="x")
-    run = run_expert_study(cfg, ["eng_Latn-deu_Latn@0.5"], log=lambda s: None)
+    run = run_expert_study(cfg, ["eng_Latn-deu_Latn@0.5"])
     rep = json.loads((run / "experts.json").read_text())
     stats = json.loads((run / "gate_stats.json").read_text())
     assert set(stats["directions"]) == {"eng_Latn-deu_Latn"}
@@ -183,7 +184,7 @@ def test_expert_study_on_ray_writes_report_and_export(ray_cluster, tiny_moe, tmp
     assert rows[0.25]["experts_removed"] == 2 and rows[0.5]["experts_removed"] == 4
     assert rows[0.5]["bytes"] < rows[0.25]["bytes"] < rep["baseline"]["bytes"]
     exported = rep["exported"]["eng_Latn-deu_Latn@0.5"]
-    reloaded = load_family(ModelSpec(exported))
+    reloaded = load_family(ModelConfig(exported))
     missing = json.loads((Path(exported) / "config.json").read_text()).get("cullmt_missing_experts", {})
     assert reloaded.size().params == rows[0.5]["params"] + 64 * sum(len(v) for v in missing.values())  # router rows
     md = (run / "experts.md").read_text()

@@ -6,17 +6,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from cullmt_ray.families import FamilyError, ModelSpec, load_family
+from cullmt_ray.config import ModelConfig
+from cullmt_ray.families import FamilyError, load_family
 
 
 @pytest.fixture(scope="module")
 def encdec(tiny_encdec):
-    return load_family(ModelSpec(str(tiny_encdec)))
+    return load_family(ModelConfig(str(tiny_encdec)))
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
-    return load_family(ModelSpec(str(tiny_llama)))
+    return load_family(ModelConfig(str(tiny_llama)))
 
 
 def test_units_and_family(encdec, llama):
@@ -102,11 +103,11 @@ def test_export_reloads_with_plain_transformers(which, removed, auto, request, t
 
 def test_bad_model_path():
     with pytest.raises(FamilyError, match="no such model folder"):
-        load_family(ModelSpec("/nonexistent/model"))
+        load_family(ModelConfig("/nonexistent/model"))
 
 
 def test_dtype_choice(tiny_encdec):
-    fam = load_family(ModelSpec(str(tiny_encdec), dtype="bfloat16"))
+    fam = load_family(ModelConfig(str(tiny_encdec), dtype="bfloat16"))
     assert next(fam.model.parameters()).dtype == torch.bfloat16
     assert fam.size().bytes == 2 * fam.size().params
 
@@ -115,7 +116,7 @@ def test_proxies_are_zero_exactly_for_identity_layers(tiny_encdec, tiny_llama, d
     from cullmt_ray.proxies import proxy_scores, spearman
 
     for path, identities in ((tiny_encdec, {"enc.1", "dec.2"}), (tiny_llama, {"layer.2"})):
-        fam = load_family(ModelSpec(str(path)))
+        fam = load_family(ModelConfig(str(path)))
         batch = fam.teacher_forced(demo_sources[:6], demo_sources[6:12], "eng_Latn", "deu_Latn")
         assert batch[1].any() and batch[1].shape == batch[0]["input_ids"].shape[:1] + batch[1].shape[1:]
         scores = proxy_scores(fam, [batch], fam.units())

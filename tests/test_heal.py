@@ -17,7 +17,8 @@ import yaml
 
 from cullmt_ray.candidate import Candidate
 from cullmt_ray.data import load_devset
-from cullmt_ray.families import Decoding, ModelSpec, load_family
+from cullmt_ray.config import Decoding, ModelConfig
+from cullmt_ray.families import load_family
 
 REMOVED = ["dec.1"]  # a real (non-identity) layer of the tiny model
 SHORT = Decoding(max_new_tokens=16, batch_size=16)
@@ -27,7 +28,7 @@ SHORT = Decoding(max_new_tokens=16, batch_size=16)
 def kd_pairs(tiny_encdec):
     """Teacher (unpruned tiny model) translations of demo sentences, both ways: 48 train pairs, 8 val per direction."""
     ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
-    fam = load_family(ModelSpec(str(tiny_encdec)))
+    fam = load_family(ModelConfig(str(tiny_encdec)))
     train, val = [], []
     for s, t in (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")):
         src, ref = list(ds.lines[s][:32]), list(ds.lines[t][:32])
@@ -55,7 +56,7 @@ def trained(ray_cluster, tiny_encdec, kd_pairs, tmp_path_factory):
 
     train, val = kd_pairs
     out = tmp_path_factory.mktemp("train")
-    return train_lora(ModelSpec(str(tiny_encdec)), REMOVED, train, val, settings(), str(out), "two-workers")
+    return train_lora(ModelConfig(str(tiny_encdec)), REMOVED, train, val, settings(), str(out), "two-workers")
 
 
 def test_two_worker_lora_run_lowers_the_kd_loss(trained):
@@ -75,7 +76,7 @@ def test_export_reloads_with_plain_transformers_and_translates_identically(train
 
     sources = list(load_devset("builtin:demo", ["eng_Latn"]).lines["eng_Latn"][40:52])
     with trained.checkpoint.as_directory() as ck:
-        with merged_family(ModelSpec(str(tiny_encdec)), REMOVED, Path(ck) / "adapter") as fam:
+        with merged_family(ModelConfig(str(tiny_encdec)), REMOVED, Path(ck) / "adapter") as fam:
             size = save_merged(fam, tmp_path / "model", "float32")
             in_memory = plain_translate(fam.model, fam.tokenizer, sources)
             batch = fam.tokenizer(sources, return_tensors="pt", padding=True)
@@ -89,7 +90,7 @@ def test_export_reloads_with_plain_transformers_and_translates_identically(train
     assert plain_translate(model, tok, sources) == in_memory
     with torch.no_grad():
         assert torch.equal(model(**batch, decoder_input_ids=batch["input_ids"][:, :5]).logits, logits)
-    base = load_family(ModelSpec(str(tiny_encdec)))
+    base = load_family(ModelConfig(str(tiny_encdec)))
     with base.apply(REMOVED), torch.no_grad():
         unhealed = base.model(**batch, decoder_input_ids=batch["input_ids"][:, :5]).logits
     assert (unhealed - logits).abs().max() > 1e-3  # the merged adapter changed the model
@@ -103,7 +104,7 @@ def test_the_frozen_models_dropout_is_off_while_adapters_train_unless_asked(mode
 
     from cullmt_ray.heal.lora import collate, encode, peft_config, set_training
 
-    fam = load_family(ModelSpec("reference:dense"))
+    fam = load_family(ModelConfig("reference:dense"))
     with fam.apply(["enc.1"]):
         model = get_peft_model(fam.model, peft_config(fam, {"r": 4, "alpha": 8, "dropout": 0.5,
                                                             "target_modules": "auto"}))
@@ -128,7 +129,7 @@ def test_hidden_state_kd_is_zero_against_itself_and_adds_to_the_kl_of_a_pruned_m
     from cullmt_ray.heal.lora import collate, encode, peft_config, training_loss
 
     path = tiny_encdec if which == "encdec" else tiny_llama
-    fam, teacher = load_family(ModelSpec(str(path))), load_family(ModelSpec(str(path))).model.eval()
+    fam, teacher = load_family(ModelConfig(str(path))), load_family(ModelConfig(str(path))).model.eval()
     ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
     pairs = [("eng_Latn", "deu_Latn", a, b) for a, b in zip(ds.lines["eng_Latn"][:8], ds.lines["deu_Latn"][:8])]
     batch = collate(encode(fam, pairs, 64), fam.tokenizer.pad_token_id, "cpu")
@@ -155,7 +156,7 @@ def test_adapters_only_in_the_pruned_stack_and_they_merge_back(tiny_encdec, tmp_
     from cullmt_ray.heal.export import merged_family
     from cullmt_ray.heal.lora import linear_names, peft_config
 
-    spec, removed = ModelSpec(str(tiny_encdec)), ["enc.0"]
+    spec, removed = ModelConfig(str(tiny_encdec)), ["enc.0"]
     fam = load_family(spec)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto", "stacks": "pruned"}
     with fam.apply(removed):
@@ -192,7 +193,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_encd
     train, val = kd_pairs
     flag = tmp_path / "die-once"
     flag.write_text("worker 1 exits at step 5 while this file exists\n")
-    oc = train_lora(ModelSpec(str(tiny_encdec)), REMOVED, train, val,
+    oc = train_lora(ModelConfig(str(tiny_encdec)), REMOVED, train, val,
                     settings(epochs=2, checkpoint_every=2, eval_every=0, max_failures=1, word_kd=0.5,
                              label_smoothing=0.1), str(tmp_path / "train"),
                     "fault", fault={"file": str(flag), "step": 5, "rank": 1})
@@ -207,14 +208,15 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_encd
 
 
 def test_kd_cache_is_resumable_and_reused(ray_cluster, tiny_encdec, tmp_path):
-    from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, Resources
+    from cullmt_ray.config import ResourcesConfig as Resources
+    from cullmt_ray.evaluator import EvalSettings, EvaluatorPool
     from cullmt_ray.families import model_fingerprint
     from cullmt_ray.heal.kd import KDRequest, teacher_translations
 
     corpus = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
     req = KDRequest(model_fingerprint(str(tiny_encdec)), "auto", corpus,
                     (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")), 10, 0, SHORT)
-    pool = EvaluatorPool(ModelSpec(str(tiny_encdec)), corpus.subsample(4), EvalSettings(spm="reference"),
+    pool = EvaluatorPool(ModelConfig(str(tiny_encdec)), corpus.subsample(4), EvalSettings(spm="reference"),
                          Resources(actors=2), run="kdtest")
 
     class Counting:
@@ -239,7 +241,7 @@ def test_kd_cache_is_resumable_and_reused(ray_cluster, tiny_encdec, tmp_path):
         df, info = teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)
         assert Counting.jobs == 4 and info["computed"] == 20 - done and not info["cached"]  # 6 chunks, 2 were done
         assert len(df) == 20 and set(df.columns) >= {"source", "reference", "teacher"}
-        direct = load_family(ModelSpec(str(tiny_encdec))).translate(list(df.source[:10]), "eng_Latn", "deu_Latn", SHORT)
+        direct = load_family(ModelConfig(str(tiny_encdec))).translate(list(df.source[:10]), "eng_Latn", "deu_Latn", SHORT)
         assert list(df.teacher[:10]) == direct
         Counting.jobs = 0
         again, info = teacher_translations(Counting(), req, tmp_path / "kd", chunk=4, log=lambda s: None)

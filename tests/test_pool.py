@@ -10,8 +10,9 @@ import ray
 
 from cullmt_ray.candidate import Candidate
 from cullmt_ray.data import load_devset
-from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, Resources, plan_actors
-from cullmt_ray.families import ModelSpec
+from cullmt_ray.config import ResourcesConfig as Resources
+from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, plan_actors
+from cullmt_ray.config import ModelConfig
 
 
 def test_actor_plan_leaves_cpu_for_trials(ray_cluster):
@@ -22,7 +23,7 @@ def test_actor_plan_leaves_cpu_for_trials(ray_cluster):
 
 def test_named_actors_and_recovery_from_a_killed_actor(ray_cluster, tiny_encdec):
     ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"]).subsample(60)
-    pool = EvaluatorPool(ModelSpec(str(tiny_encdec)), ds, EvalSettings(spm="reference"),
+    pool = EvaluatorPool(ModelConfig(str(tiny_encdec)), ds, EvalSettings(spm="reference"),
                          Resources(actors=1), run="pooltest")
     try:
         node = pool.info[0]["node"]

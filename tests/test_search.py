@@ -17,7 +17,7 @@ config = search_config
 
 def test_greedy_drops_exactly_the_identity_layers(ray_cluster, tiny_encdec, demo_sources, tmp_path):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
-    run = run_search(config(tmp_path, tiny_encdec, dev), log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_encdec, dev))
     trace = json.loads((run / "trace.json").read_text())
     assert sorted(trace["final"]) == ["dec.2", "enc.1"]
     assert [s["accepted"] for s in trace["steps"]] == [True, True, False]
@@ -36,7 +36,7 @@ def test_greedy_drops_exactly_the_identity_layers(ray_cluster, tiny_encdec, demo
 def test_greedy_drops_a_destructive_layer_first(ray_cluster, tiny_llama, demo_sources, tmp_path):
     # references made without layer.0: layer.0 now hurts, so removing it *raises* the score to 100
     dev = write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources, removed=("layer.0",))
-    run = run_search(config(tmp_path, tiny_llama, dev, search__target_removed=2), log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_llama, dev, search__target_removed=2))
     trace = json.loads((run / "trace.json").read_text())
     assert trace["steps"][0]["best_unit"] == "layer.0" and trace["steps"][0]["drop"] < 0
     assert trace["steps"][1]["best_unit"] == "layer.2" and trace["steps"][1]["best_score"] == 100.0
@@ -45,9 +45,9 @@ def test_greedy_drops_a_destructive_layer_first(ray_cluster, tiny_llama, demo_so
 
 def test_decoder_only_known_answer_and_protect(ray_cluster, tiny_llama, demo_sources, tmp_path):
     dev = write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources)
-    run = run_search(config(tmp_path, tiny_llama, dev), log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_llama, dev))
     assert json.loads((run / "trace.json").read_text())["final"] == ["layer.2"]
-    run = run_search(config(tmp_path, tiny_llama, dev, search__protect="[layer.2]"), log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_llama, dev, search__protect="[layer.2]"))
     trace = json.loads((run / "trace.json").read_text())
     assert "layer.2" not in trace["final"] and trace["steps"][0]["accepted"] is False
 
@@ -55,15 +55,15 @@ def test_decoder_only_known_answer_and_protect(ray_cluster, tiny_llama, demo_sou
 def test_no_candidate_is_evaluated_twice_across_runs(ray_cluster, tiny_encdec, demo_sources, tmp_path):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
     cfg = config(tmp_path, tiny_encdec, dev)
-    first = json.loads((run_search(cfg, log=lambda s: None) / "run.json").read_text())
-    second = json.loads((run_search(cfg, log=lambda s: None) / "run.json").read_text())
+    first = json.loads((run_search(cfg) / "run.json").read_text())
+    second = json.loads((run_search(cfg) / "run.json").read_text())
     assert first["budget"]["evaluations"] == 16
     assert second["budget"] == {"evaluations": 0, "cached": 16, "sentences": 0}
     store = ResultStore(cfg.output.store)
     assert store.count(first["context"]) == 16
     # a different threshold and a size target reuse the same evaluations: same context
     cfg2 = config(tmp_path, tiny_encdec, dev, search__threshold=50, search__target_removed=3)
-    third = json.loads((run_search(cfg2, log=lambda s: None) / "run.json").read_text())
+    third = json.loads((run_search(cfg2) / "run.json").read_text())
     assert third["context"] == first["context"] and third["budget"]["cached"] == 16
     assert len(third["final"]["removed"]) == 3 and third["final"]["stop_reason"] == "size target reached"
 
@@ -71,7 +71,7 @@ def test_no_candidate_is_evaluated_twice_across_runs(ray_cluster, tiny_encdec, d
 def test_heldout_directions_are_scored(ray_cluster, tiny_encdec, demo_sources, tmp_path):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
     cfg = config(tmp_path, tiny_encdec, dev, data__directions="all", data__calibration="eng_Latn-deu_Latn")
-    run = run_search(cfg, log=lambda s: None)
+    run = run_search(cfg)
     held = json.loads((run / "heldout.json").read_text())
     assert held["directions"] == ["deu_Latn-eng_Latn"]
     assert sorted(held["final"]["removed"]) == ["dec.2", "enc.1"]
@@ -80,7 +80,7 @@ def test_heldout_directions_are_scored(ray_cluster, tiny_encdec, demo_sources, t
 
 def test_budget_limit_stops_the_search(ray_cluster, tiny_encdec, demo_sources, tmp_path):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
-    run = run_search(config(tmp_path, tiny_encdec, dev, search__max_evaluations=8), log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_encdec, dev, search__max_evaluations=8))
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["final"]["stop_reason"] == "budget spent"
     assert json.loads((run / "trace.json").read_text())["evaluations"] == 8  # 6 of step 1, 2 of step 2
@@ -99,7 +99,7 @@ def dense_with_identities(tmp_path_factory):
 def test_greedy_on_the_trained_model_finds_the_inserted_identities(ray_cluster, dense_with_identities,
                                                                   demo_sources, tmp_path):
     dev = write_self_reference_devset(dense_with_identities, tmp_path / "dev", demo_sources)
-    run = run_search(config(tmp_path, dense_with_identities, dev), log=lambda s: None)
+    run = run_search(config(tmp_path, dense_with_identities, dev))
     trace = json.loads((run / "trace.json").read_text())
     assert trace["final"] == ["enc.3", "dec.0"]
     assert len(trace["steps"][0]["tried"]) == 14 and trace["steps"][2]["accepted"] is False
@@ -112,7 +112,7 @@ def test_pareto_command_from_run_folder_and_from_store(ray_cluster, tiny_llama, 
 
     dev = write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources)
     cfg = config(tmp_path, tiny_llama, dev)
-    run = run_search(cfg, log=lambda s: None)
+    run = run_search(cfg)
     expected = pd.read_csv(run / "pareto.csv")
     assert main(["pareto", str(run), "--out", str(tmp_path / "again")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "pareto.csv"), expected)

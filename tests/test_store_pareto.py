@@ -7,7 +7,8 @@ import pytest
 
 from cullmt_ray.candidate import BASELINE, Candidate
 from cullmt_ray.pareto import export_front, hypervolume, non_dominated
-from cullmt_ray.store import Evaluation, ResultStore
+from cullmt_ray.candidate import Evaluation
+from cullmt_ray.store import ResultStore
 
 
 def ev(units, score, params):

@@ -13,8 +13,10 @@ import pytest
 
 from cullmt_ray.candidate import Candidate
 from cullmt_ray.config import ConfigError, load_config
-from cullmt_ray.search import SearchError, make_strategy, run_search
-from cullmt_ray.store import Evaluation, ResultStore
+from cullmt_ray.search import run_search
+from cullmt_ray.strategies import make_strategy
+from cullmt_ray.candidate import Evaluation
+from cullmt_ray.store import ResultStore
 from cullmt_ray.strategies import STRATEGIES, SearchSpace, StopRule, StrategyError
 
 from .conftest import search_config, write_self_reference_devset
@@ -106,9 +108,10 @@ def test_fixed_size_strategies_need_a_size_and_options_are_checked(tmp_path):
     with pytest.raises(StrategyError, match="target_removed=None"):
         make("tpe", size=None).ask()
     base = Evaluation(Candidate.of([]), 100.0, 1000, 4000, {}, 1, 0.0)
-    cfg = load_config(None, ["search.strategy=beam", "search.options={beam: {widht: 2}}"])
-    with pytest.raises(SearchError, match=r"search.options.beam.widht: not an option of strategy 'beam'"):
-        make_strategy(cfg, UNITS, base)
+    with pytest.raises(ConfigError, match=r"search.options.beam.widht: not an option of strategy 'beam'"):
+        load_config(None, ["search.strategy=beam", "search.options={beam: {widht: 2}}"])
+    with pytest.raises(StrategyError, match=r"search.protect: 'enc.9' is not a unit"):
+        make_strategy(load_config(None, ["search.protect=enc.9"]).search, UNITS, base)
     with pytest.raises(ConfigError, match="search.strategy='annealing'"):
         load_config(None, ["search.strategy=annealing"])
 
@@ -120,7 +123,7 @@ config = search_config
 def test_strategies_find_the_identity_layers_on_ray(ray_cluster, tiny_encdec, demo_sources, tmp_path, name):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
     run = run_search(config(tmp_path, tiny_encdec, dev, search__strategy=name, search__target_removed=2,
-                            search__max_evaluations=12), log=lambda s: None)
+                            search__max_evaluations=12))
     trace = json.loads((run / "trace.json").read_text())
     assert sorted(trace["final"]) == ["dec.2", "enc.1"]  # the only size-2 set scoring 100
     assert trace["evaluations"] <= 12
@@ -133,7 +136,7 @@ def test_compare_shares_the_store_and_writes_the_report(ray_cluster, tiny_encdec
 
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
     cfg = config(tmp_path, tiny_encdec, dev)
-    out = run_compare(cfg, ["random", "greedy", "beam", "evolutionary", "tpe", "nsga2"], log=lambda s: None)
+    out = run_compare(cfg, ["random", "greedy", "beam", "evolutionary", "tpe", "nsga2"])
     report = json.loads((out / "compare.json").read_text())
     assert [r["strategy"] for r in report["strategies"]][0] == "greedy"  # greedy runs first, sets the budget
     ref = report["greedy_reference"]
@@ -160,7 +163,7 @@ def test_compare_on_the_reference_model_with_a_small_budget(ray_cluster, tmp_pat
     cfg = load_config(None, ["data.directions=eng_Latn-deu_Latn", "data.max_sentences=12", "search.target_removed=1",
                              f"output.dir={tmp_path / 'runs'}", f"output.store={tmp_path / 'store.sqlite'}",
                              "resources.actors=2", "name=ref"])
-    out = run_compare(cfg, ["greedy", "tpe", "random"], budget=4, log=lambda s: None)
+    out = run_compare(cfg, ["greedy", "tpe", "random"], budget=4)
     report = json.loads((out / "compare.json").read_text())
     assert report["model"] == "reference:dense" and report["budget"] == 4
     assert [r["evaluations"] for r in report["strategies"]] == [4, 4, 4]
@@ -176,7 +179,7 @@ def test_calibration_study_scores_every_choice_on_all_directions(ray_cluster, tm
                              "search.target_removed=1", "search.threshold=100", f"output.dir={tmp_path / 'runs'}",
                              f"output.store={tmp_path / 'store.sqlite'}", "resources.actors=2", "name=cal",
                              "search.protect=[enc.0, enc.1, enc.2, enc.3, enc.4, dec.0, dec.1, dec.2, dec.3]"])
-    out = run_calibration_study(cfg, ["all", "from-english", "into:fra_Latn"], log=lambda s: None)
+    out = run_calibration_study(cfg, ["all", "from-english", "into:fra_Latn"])
     report = json.loads((out / "calibration.json").read_text())
     rows = {r["calibration"]: r for r in report["calibrations"]}
     assert rows["from-english"]["directions"] == ["eng_Latn-deu_Latn", "eng_Latn-fra_Latn"]
@@ -210,7 +213,7 @@ def test_strategies_run_as_ray_tune_searchers(ray_cluster, tiny_encdec, demo_sou
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
     extra = {"search__driver": "tune", "search__strategy": name, "search__target_removed": 2,
              "search__max_evaluations": 12}
-    run = run_search(config(tmp_path, tiny_encdec, dev, **extra), log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_encdec, dev, **extra))
     trace = json.loads((run / "trace.json").read_text())
     assert sorted(trace["final"]) == ["dec.2", "enc.1"]
     info = json.loads((run / "run.json").read_text())
@@ -227,8 +230,7 @@ def test_strategies_run_as_ray_tune_searchers(ray_cluster, tiny_encdec, demo_sou
 def test_two_stage_scoring_finds_the_same_answer_for_fewer_sentences(ray_cluster, tiny_encdec, demo_sources,
                                                                         tmp_path):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
-    run = run_search(config(tmp_path, tiny_encdec, dev, search__fidelity__sentences=4, search__fidelity__keep=0.5),
-                     log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_encdec, dev, search__fidelity__sentences=4, search__fidelity__keep=0.5))
     trace = json.loads((run / "trace.json").read_text())
     info = json.loads((run / "run.json").read_text())
     assert sorted(trace["final"]) == ["dec.2", "enc.1"]
@@ -246,8 +248,7 @@ def test_two_stage_scoring_finds_the_same_answer_for_fewer_sentences(ray_cluster
 def test_kl_proxy_stage_finds_the_same_answer_decoding_fewer_candidates(ray_cluster, tiny_encdec, demo_sources,
                                                                          tmp_path):
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
-    run = run_search(config(tmp_path, tiny_encdec, dev, search__fidelity__proxy="kl", search__fidelity__keep=0.5),
-                     log=lambda s: None)
+    run = run_search(config(tmp_path, tiny_encdec, dev, search__fidelity__proxy="kl", search__fidelity__keep=0.5))
     trace = json.loads((run / "trace.json").read_text())
     info = json.loads((run / "run.json").read_text())
     assert sorted(trace["final"]) == ["dec.2", "enc.1"]

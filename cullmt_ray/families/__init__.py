@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .base import Decoding, FamilyError, ModelFamily, Size, unit_sort_key, unit_stack
+from ..config import ModelConfig
+from .base import FamilyError, ModelFamily, Size
 from .decoder import DecoderOnlyFamily
 from .encdec import EncoderDecoderFamily
 from .moe import NllbMoeFamily
@@ -20,31 +20,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 REFERENCE_MODELS = ("dense", "moe", "llama")
 
-__all__ = [
-    "FAMILIES",
-    "Decoding",
-    "FamilyError",
-    "ModelFamily",
-    "ModelSpec",
-    "Size",
-    "load_family",
-    "model_fingerprint",
-    "resolve_model_path",
-    "unit_sort_key",
-    "unit_stack",
-]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load: ``reference:dense``, a hub name or a local path, and how."""
-
-    name: str = "reference:dense"
-    family: str = "auto"
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    device: str = "auto"
-    trust_remote_code: bool = False
-    prompt_template: str | None = None
+__all__ = ["FAMILIES", "FamilyError", "ModelFamily", "Size", "family_class", "load_family", "model_units", "model_fingerprint", "resolve_model_path"]
 
 
 def resolve_model_path(name: str) -> str:
@@ -83,7 +59,7 @@ def model_fingerprint(name: str) -> str:
     return f"{name}#{h.hexdigest()[:12]}"
 
 
-def _device_and_dtype(spec: ModelSpec) -> tuple[str, torch.dtype]:
+def _device_and_dtype(spec: ModelConfig) -> tuple[str, torch.dtype]:
     device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,7 +74,27 @@ def _device_and_dtype(spec: ModelSpec) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def load_family(spec: ModelSpec) -> ModelFamily:
+def family_class(config) -> type[ModelFamily]:
+    """The family of a model from its ``config.json`` alone (no weights loaded)."""
+    if "moe" in getattr(config, "model_type", ""):
+        return NllbMoeFamily
+    return EncoderDecoderFamily if config.is_encoder_decoder else DecoderOnlyFamily
+
+
+def model_units(spec: ModelConfig) -> tuple[type[ModelFamily], list[str]]:
+    """(family, units) of a model, read on the driver from its config only."""
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(resolve_model_path(spec.name), trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise FamilyError(f"model.name={spec.name!r}: not a local model folder, and the hub could not "
+                          f"provide it ({str(e).splitlines()[0][:120]})") from None
+    cls = FAMILIES[spec.family] if spec.family != "auto" else family_class(conf)
+    return cls, cls.config_units(conf)
+
+
+def load_family(spec: ModelConfig) -> ModelFamily:
     """Load model + tokenizer and wrap them in the family that fits (or the one named)."""
     from transformers import (
         AutoConfig,

@@ -7,15 +7,18 @@ it) and updates the config's layer counts; leaving the context restores all of i
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..config import Decoding
+from ..units import empties_a_group, sort_units
 
 
 class FamilyError(ValueError):
@@ -45,19 +48,18 @@ class LayerStack:
         return getattr(self.owner, self.attr)
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding settings; part of every evaluation's identity."""
-
-    num_beams: int = 1
-    max_new_tokens: int = 128
-    batch_size: int = 32
+Example = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss)
 
 
 class ModelFamily(ABC):
-    """A loaded model plus what is needed to prune, size, run and save it."""
+    """A loaded model plus what is needed to prune, size, run, train and save it.
 
-    name: str = "base"
+    Everything that differs between families (unit names, prompts, the training encoding, the
+    hidden state healing matches, how a saved model is loaded) lives here, not in its callers.
+    """
+
+    name: ClassVar[str] = "base"
+    causal: ClassVar[bool] = False  # decoder-only: labels are shifted inside the model (peft task CAUSAL_LM)
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str):
         self.model = model.eval()
@@ -77,6 +79,20 @@ class ModelFamily(ABC):
     def _stacks(self) -> list[LayerStack]:
         """The model's prunable layer stacks."""
 
+    @classmethod
+    @abstractmethod
+    def config_units(cls, config) -> list[str]:
+        """The units of a model with this ``config.json`` (read on the driver, without weights)."""
+
+    @abstractmethod
+    def training_examples(self, src: str, tgt: str, sources: list[str], targets: list[str],
+                          max_len: int) -> list[Example]:
+        """Token ids of teacher-forced training pairs; pairs over ``max_len`` tokens are skipped."""
+
+    @abstractmethod
+    def kd_hidden(self, out) -> torch.Tensor:
+        """The representation healing matches to the unpruned model's (``train.hidden_kd``)."""
+
     @abstractmethod
     def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
         """Translate one batch (already length-sorted) from ``src`` to ``tgt`` (NLLB codes)."""
@@ -87,15 +103,16 @@ class ModelFamily(ABC):
         return [f"{s.prefix}.{i}" for s in self.stacks for i in range(len(s.layers))]
 
     def check_units(self, removed: Iterable[str]) -> frozenset[str]:
+        """``removed`` as a set, when every unit is this model's and no stack (MoE layer) is left empty."""
         removed = frozenset(removed)
-        known = set(self.units())
-        bad = sorted(removed - known)
+        units = self.units()
+        bad = sort_units(removed - set(units))
         if bad:
-            raise FamilyError(f"unit {bad[0]!r} is not in this model; its units are {self.units()[0]} .. "
-                              f"{self.units()[-1]}")
-        for s in self.stacks:
-            if all(f"{s.prefix}.{i}" in removed for i in range(len(s.layers))):
-                raise FamilyError(f"prune set removes every layer of '{s.prefix}'; keep at least one")
+            raise FamilyError(f"unit {bad[0]!r} is not in this model; its units are {units[0]} .. {units[-1]}")
+        group = empties_a_group(units, removed)
+        if group:
+            what = "expert" if "." in group else "layer"
+            raise FamilyError(f"prune set removes every {what} of '{group}'; keep at least one")
         return removed
 
     def _count_unit_params(self) -> dict[str, tuple[int, int]]:
@@ -125,12 +142,10 @@ class ModelFamily(ABC):
     def apply(self, removed: Iterable[str]) -> Iterator[nn.Module]:
         """Within the context the model lacks ``removed`` units; weights are shared, never copied."""
         removed = self.check_units(removed)
-        if self._applied:
-            raise FamilyError("a prune set is already applied; prune sets do not nest")
         saved = []
         config = self.model.config
         try:
-            self._applied = True
+            self._enter()
             for s in self.stacks:
                 full = s.layers
                 keep = [i for i in range(len(full)) if f"{s.prefix}.{i}" not in removed]
@@ -157,6 +172,12 @@ class ModelFamily(ABC):
                     m.layer_idx = v
             self._applied = False
 
+    def _enter(self) -> None:
+        """Mark a prune set applied; they do not nest."""
+        if self._applied:
+            raise FamilyError("a prune set is already applied; prune sets do not nest")
+        self._applied = True
+
     # --------------------------------------------------------------- translation
     @torch.inference_mode()
     def translate(self, sources: list[str], src: str, tgt: str, decoding: Decoding = Decoding()) -> list[str]:
@@ -175,28 +196,21 @@ class ModelFamily(ABC):
 
     # --------------------------------------------------------------- export
     def export(self, removed: Iterable[str], out_dir: str | Path, card: dict | None = None) -> Path:
-        """Save the pruned model + tokenizer so plain ``from_pretrained`` loads it."""
+        """Save the pruned model + tokenizer + card so plain ``from_pretrained`` loads it."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        removed = sorted(self.check_units(removed), key=unit_sort_key)
+        removed = sort_units(self.check_units(removed))
         with self.apply(removed) as model:
             model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
-        meta = {"base_model": self.model_id, "family": self.name, "removed_units": removed,
-                "size": self.size(removed).__dict__, **(card or {})}
-        (out / "cullmt_ray.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        self.write_card(out, removed, card)
         return out
 
+    def write_card(self, out: Path, removed: list[str], facts: dict | None) -> None:
+        """The pruned model's card (README.md) and facts (cullmt_ray.json)."""
+        from ..card import pruned_card, write_card
 
-_STACK_ORDER = {"enc": 0, "dec": 1, "layer": 2}
-
-
-def unit_stack(unit: str) -> str:
-    """The prefix of the layer stack a unit belongs to (``enc.3`` -> ``enc``)."""
-    return unit.split(".", 1)[0]
-
-
-def unit_sort_key(unit: str) -> tuple:
-    """Model order: encoder before decoder, then numerically (``enc.2`` < ``enc.10`` < ``dec.0``)."""
-    parts = unit.split(".")
-    return (_STACK_ORDER.get(parts[0], 9), *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
+        info = {"base_model": self.model_id, "family": self.name, "causal": self.causal, "removed_units": removed,
+                "size": self.size(removed).__dict__, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "model_dir": str(out), **(facts or {})}
+        write_card(out, info, pruned_card(info))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..languages import name as lang_name
-from .base import Decoding, LayerStack, ModelFamily
+from ..config import Decoding
+from .base import Example, LayerStack, ModelFamily
 
 # The reference Llama is trained with this template; base LLMs follow it well enough too.
 DEFAULT_TEMPLATE = "{src_name}: {source}\n{tgt_name}:"
@@ -19,6 +20,7 @@ CHAT_INSTRUCTION = "Translate the following {src_name} text into {tgt_name}. Rep
 
 class DecoderOnlyFamily(ModelFamily):
     name = "decoder"
+    causal = True
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str, prompt_template: str | None = None,
                  use_chat_template: bool | None = None):
@@ -38,6 +40,29 @@ class DecoderOnlyFamily(ModelFamily):
     def _stacks(self) -> list[LayerStack]:
         return [LayerStack("layer", self.model.model, "layers", ("num_hidden_layers",),
                            ("layer_types",) if hasattr(self.model.config, "layer_types") else ())]
+
+    @classmethod
+    def config_units(cls, config) -> list[str]:
+        return [f"layer.{i}" for i in range(config.num_hidden_layers)]
+
+    def training_examples(self, src: str, tgt: str, sources: list[str], targets: list[str],
+                          max_len: int) -> list[Example]:
+        """The prompt (no loss) followed by the target and EOS (loss)."""
+        tok, out = self.tokenizer, []
+        for source, target in zip(sources, targets):
+            head = tok(self.prompt(source, src, tgt), add_special_tokens=False)["input_ids"]
+            if tok.bos_token_id is not None and not self.use_chat_template:
+                head = [tok.bos_token_id] + head
+            tail = tok(" " + target, add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                tail = tail + [tok.eos_token_id]
+            if len(head) + len(tail) <= max_len:
+                out.append((head + tail, [-100] * len(head) + tail))
+        return out
+
+    def kd_hidden(self, out) -> torch.Tensor:
+        """The last layer's output."""
+        return out.hidden_states[-1]
 
     def prompt(self, source: str, src: str, tgt: str) -> str:
         fields = {"src_name": lang_name(src), "tgt_name": lang_name(tgt), "source": source,

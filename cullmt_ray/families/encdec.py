@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..languages import SHORT_TO_NLLB
-from .base import Decoding, FamilyError, LayerStack, ModelFamily
+from ..config import Decoding
+from .base import Example, FamilyError, LayerStack, ModelFamily
 
 _NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
 
@@ -25,6 +26,23 @@ class EncoderDecoderFamily(ModelFamily):
         inner = self.model.model
         return [LayerStack("enc", inner.encoder, "layers", ("encoder_layers",)),
                 LayerStack("dec", inner.decoder, "layers", ("decoder_layers",))]
+
+    @classmethod
+    def config_units(cls, config) -> list[str]:
+        return [f"{p}.{i}" for p, n in (("enc", config.encoder_layers), ("dec", config.decoder_layers))
+                for i in range(n)]
+
+    def training_examples(self, src: str, tgt: str, sources: list[str], targets: list[str],
+                          max_len: int) -> list[Example]:
+        tok = self.tokenizer
+        tok.src_lang, _ = self.lang_token(src)
+        tok.tgt_lang, _ = self.lang_token(tgt)
+        enc = tok(sources, text_target=targets)
+        return [(a, b) for a, b in zip(enc["input_ids"], enc["labels"]) if len(a) <= max_len and len(b) <= max_len]
+
+    def kd_hidden(self, out) -> torch.Tensor:
+        """The encoder's output: what the decoder's cross-attention reads."""
+        return out.encoder_last_hidden_state
 
     def lang_token(self, code: str) -> tuple[str, int]:
         """The tokenizer's language key and the id generation must start with, for an NLLB code."""

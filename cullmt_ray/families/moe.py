@@ -16,7 +16,6 @@ from the weights and ``config.json`` lists them under ``cullmt_missing_experts``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,18 +24,9 @@ import torch
 from torch import nn
 
 from . import nllb_moe_fix
-from .base import Decoding, FamilyError, LayerStack, Size, unit_sort_key
+from ..units import expert_unit, sort_units, split_expert
+from .base import LayerStack, Size
 from .encdec import EncoderDecoderFamily, _is_moe
-
-
-def expert_unit(layer: str, expert: int) -> str:
-    return f"{layer}.expert.{expert}"
-
-
-def split_unit(unit: str) -> tuple[str, int]:
-    """``enc.1.expert.3`` -> (``enc.1``, 3)."""
-    layer, _, e = unit.rpartition(".expert.")
-    return layer, int(e)
 
 
 class NllbMoeFamily(EncoderDecoderFamily):
@@ -62,20 +52,22 @@ class NllbMoeFamily(EncoderDecoderFamily):
     def _stacks(self) -> list[LayerStack]:
         return []  # units are experts, not layers
 
+    @classmethod
+    def config_units(cls, config) -> list[str]:
+        """Experts of the sparse layers (every ``*_sparse_step``-th), less ``cullmt_missing_experts``."""
+        missing = getattr(config, "cullmt_missing_experts", None) or {}
+        out = []
+        for side, n, step in (("enc", config.encoder_layers, config.encoder_sparse_step),
+                              ("dec", config.decoder_layers, config.decoder_sparse_step)):
+            for i in range(n):
+                if step and (i + 1) % step == 0:
+                    gone = set(missing.get(f"{side}.{i}", []))
+                    out += [expert_unit(f"{side}.{i}", e) for e in range(config.num_experts) if e not in gone]
+        return out
+
     # --------------------------------------------------------------- units and sizes
     def units(self) -> list[str]:
         return [expert_unit(layer, e) for layer, present in self.experts_of.items() for e in present]
-
-    def check_units(self, removed: Iterable[str]) -> frozenset[str]:
-        removed = frozenset(removed)
-        bad = sorted(removed - set(self.units()))
-        if bad:
-            raise FamilyError(f"unit {bad[0]!r} is not an expert of this model; its units are "
-                              f"{self.units()[0]} .. {self.units()[-1]}")
-        for layer, present in self.experts_of.items():
-            if all(expert_unit(layer, e) in removed for e in present):
-                raise FamilyError(f"prune set removes every expert of '{layer}'; keep at least one")
-        return removed
 
     def _count_unit_params(self) -> dict[str, tuple[int, int]]:
         out = {}
@@ -91,7 +83,7 @@ class NllbMoeFamily(EncoderDecoderFamily):
     def removed_by_layer(self, removed: Iterable[str]) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {layer: [] for layer in self.sparse}
         for u in self.check_units(removed):
-            layer, e = split_unit(u)
+            layer, e = split_expert(u)
             out[layer].append(e)
         return {k: sorted(v) for k, v in out.items()}
 
@@ -100,11 +92,9 @@ class NllbMoeFamily(EncoderDecoderFamily):
     def apply(self, removed: Iterable[str]) -> Iterator[nn.Module]:
         """Within the context the routers cannot select ``removed`` experts (logits -inf)."""
         by_layer = self.removed_by_layer(removed)
-        if self._applied:
-            raise FamilyError("a prune set is already applied; prune sets do not nest")
         hooks = []
         try:
-            self._applied = True
+            self._enter()
             for layer, experts in by_layer.items():
                 if experts:
                     hooks.append(self.sparse[layer].router.classifier.register_forward_hook(_masker(experts)))
@@ -206,12 +196,9 @@ class NllbMoeFamily(EncoderDecoderFamily):
         save_file({k: v.contiguous() for k, v in state.items() if not (shared and k in tied)},
                   str(out / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(out)
-        removed_sorted = sorted(self.check_units(removed), key=unit_sort_key)
-        meta = {"base_model": self.model_id, "family": self.name, "removed_units": removed_sorted,
-                "kept_experts": {layer: keep for layer, keep in kept.items()},
-                "loader": "transformers" if not missing else "cullmt_ray.families.moe.load_pruned_moe",
-                "moe_dispatch": nllb_moe_fix.DISPATCH_TAG, "size": self.size(removed).__dict__, **(card or {})}
-        (out / "cullmt_ray.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        self.write_card(out, sort_units(self.check_units(removed)), {
+            "kept_experts": kept, "moe_dispatch": nllb_moe_fix.DISPATCH_TAG,
+            "loader": "transformers" if not missing else "cullmt_ray.families.moe.load_pruned_moe", **(card or {})})
         return out
 
     def _module_path(self, layer: str) -> str:
@@ -252,4 +239,4 @@ def load_pruned_moe(path: str | Path, **kwargs) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["Decoding", "NllbMoeFamily", "Size", "expert_unit", "load_pruned_moe", "split_unit"]
+__all__ = ["NllbMoeFamily", "Size", "load_pruned_moe"]

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, DecodingConfig, from_dict, read_yaml
+from ..config import ConfigError, Decoding, _one_of, _plain_name, _positive, from_dict, read_yaml
 
 MIXES = ("kd", "refs", "both")
 
@@ -26,6 +26,9 @@ class CorpusConfig:
     max_sentences: int | None = 2000  # source sentences per direction (null: the whole corpus)
     seed: int = 0
 
+    def check(self) -> None:
+        _positive("corpus.max_sentences", self.max_sentences, none=True)
+
 
 @dataclass
 class KDConfig:
@@ -33,7 +36,10 @@ class KDConfig:
 
     cache: str = "results/kd"  # Parquet cache folder, shared by every heal
     chunk: int = 250  # sentences per actor task (the unit of resume)
-    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(batch_size=64))
+    decoding: Decoding = field(default_factory=lambda: Decoding(batch_size=64))
+
+    def check(self) -> None:
+        _positive("kd.chunk", self.chunk)
 
 
 @dataclass
@@ -58,6 +64,22 @@ class TrainConfig:
     storage: str | None = None  # Ray Train storage (a shared path or URI on a cluster); default HEAL_DIR/train
     seed: int = 0
 
+    def check(self) -> None:
+        for f in ("epochs", "batch_size", "lr", "clip", "max_len", "checkpoint_every", "keep_checkpoints"):
+            _positive(f"train.{f}", getattr(self, f))
+        for f in ("warmup", "weight_decay", "eval_every", "val_sentences", "hidden_kd"):
+            _positive(f"train.{f}", getattr(self, f), zero=True)
+        _positive("train.max_steps", self.max_steps, none=True)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing={self.label_smoothing}: expected 0 <= x < 1")
+        if not 0 <= self.word_kd <= 1:
+            raise ConfigError(f"train.word_kd={self.word_kd}: expected a weight in [0, 1] (0: sequence-level KD only)")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures={self.max_failures}: expected >= 0 (or -1 for no limit)")
+
+
+LORA_STACKS = ("all", "pruned")
+
 
 @dataclass
 class LoraSettings:
@@ -67,6 +89,20 @@ class LoraSettings:
     target_modules: str | list[str] = "auto"  # auto: every linear layer inside the prunable layers
     stacks: str = "all"  # all: adapters in every layer stack | pruned: only in the stacks that lost layers
     modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "auto":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def check(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout={self.dropout}: expected 0 <= x < 1")
+        _one_of("lora.stacks", self.stacks, LORA_STACKS)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("lora.target_modules: the list is empty; expected module names such as "
+                              "[q_proj, v_proj] or auto")
 
 
 @dataclass
@@ -78,6 +114,13 @@ class HealResources:
     address: str | None = None  # Ray address (default: the search run's)
     num_cpus: int | None = None  # CPUs of a local cluster started by cullmt-ray
 
+    def check(self) -> None:
+        _positive("resources.workers", self.workers)
+        _positive("resources.cpus_per_worker", self.cpus_per_worker)
+        _positive("resources.gpus_per_worker", self.gpus_per_worker, zero=True, none=True)
+        _positive("resources.parallel", self.parallel, none=True)
+        _positive("resources.num_cpus", self.num_cpus, none=True)
+
 
 @dataclass
 class EvaluateConfig:
@@ -88,11 +131,20 @@ class EvaluateConfig:
     max_sentences: int | None = None  # per direction; null: all (with dev set) / the run's (without)
     store: str | None = None  # results store for these scores (default: the search run's)
 
+    def check(self) -> None:
+        _positive("evaluate.max_sentences", self.max_sentences, none=True)
+
+
+EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
 
 @dataclass
 class ExportConfig:
     dtype: str = "auto"  # auto: as the base model is stored | float32 | float16 | bfloat16
     keep_adapter: bool = False  # also save the unmerged LoRA adapter and the pruned base it applies to
+
+    def check(self) -> None:
+        _one_of("export.dtype", self.dtype, EXPORT_DTYPES)
 
 
 @dataclass
@@ -108,78 +160,16 @@ class HealConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    def check(self) -> None:
+        _one_of("mix", self.mix, MIXES)
+        _plain_name("name", self.name)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-LORA_STACKS = ("all", "pruned")
-EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
 def load_heal_config(path: str | Path | None = None, overrides: list[str] | None = None,
                      data: dict | None = None) -> HealConfig:
-    """A heal recipe from YAML (or ``data``, or the defaults) with ``key.sub=value`` overrides, validated."""
-    data = read_yaml(path, overrides, data, kind="heal config", example="search_spaces/heal_demo.yaml",
-                     example_override="lora.r=8")
-    cfg = from_dict(HealConfig, data)
-    validate_heal(cfg)
-    return cfg
-
-
-def validate_heal(cfg: HealConfig) -> None:
-    def positive(where: str, value, allow_none: bool = False, zero: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if value is None or value < 0 or (value == 0 and not zero):
-            raise ConfigError(f"{where}={value!r}: expected {'>= 0' if zero else '> 0'}"
-                              f"{' (or null)' if allow_none else ''}")
-
-    if cfg.mix not in MIXES:
-        raise ConfigError(f"mix={cfg.mix!r}: expected one of {', '.join(MIXES)}")
-    if not cfg.name or any(c in cfg.name for c in "/\\ "):
-        raise ConfigError(f"name={cfg.name!r}: expected a non-empty name without spaces or slashes")
-    positive("corpus.max_sentences", cfg.corpus.max_sentences, allow_none=True)
-    positive("kd.chunk", cfg.kd.chunk)
-    d = cfg.kd.decoding
-    if d.num_beams < 1 or d.batch_size < 1 or d.max_new_tokens < 1:
-        raise ConfigError("kd.decoding: num_beams, batch_size and max_new_tokens must be >= 1")
-    t = cfg.train
-    positive("train.epochs", t.epochs)
-    positive("train.max_steps", t.max_steps, allow_none=True)
-    positive("train.batch_size", t.batch_size)
-    positive("train.lr", t.lr)
-    positive("train.warmup", t.warmup, zero=True)
-    positive("train.weight_decay", t.weight_decay, zero=True)
-    positive("train.clip", t.clip)
-    positive("train.max_len", t.max_len)
-    positive("train.eval_every", t.eval_every, zero=True)
-    positive("train.val_sentences", t.val_sentences, zero=True)
-    positive("train.checkpoint_every", t.checkpoint_every)
-    positive("train.keep_checkpoints", t.keep_checkpoints)
-    if not 0 <= t.label_smoothing < 1:
-        raise ConfigError(f"train.label_smoothing={t.label_smoothing}: expected 0 <= x < 1")
-    if not 0 <= t.word_kd <= 1:
-        raise ConfigError(f"train.word_kd={t.word_kd}: expected a weight in [0, 1] (0: sequence-level KD only)")
-    positive("train.hidden_kd", t.hidden_kd, zero=True)
-    if t.max_failures < -1:
-        raise ConfigError(f"train.max_failures={t.max_failures}: expected >= 0 (or -1 for no limit)")
-    lo = cfg.lora
-    positive("lora.r", lo.r)
-    positive("lora.alpha", lo.alpha)
-    if not 0 <= lo.dropout < 1:
-        raise ConfigError(f"lora.dropout={lo.dropout}: expected 0 <= x < 1")
-    if lo.stacks not in LORA_STACKS:
-        raise ConfigError(f"lora.stacks={lo.stacks!r}: expected one of {', '.join(LORA_STACKS)}")
-    if isinstance(lo.target_modules, str) and lo.target_modules != "auto":
-        lo.target_modules = [m.strip() for m in lo.target_modules.split(",") if m.strip()]
-    if isinstance(lo.target_modules, list) and not lo.target_modules:
-        raise ConfigError("lora.target_modules: the list is empty; expected module names such as [q_proj, v_proj] "
-                          "or auto")
-    r = cfg.resources
-    positive("resources.workers", r.workers)
-    positive("resources.cpus_per_worker", r.cpus_per_worker)
-    positive("resources.gpus_per_worker", r.gpus_per_worker, allow_none=True, zero=True)
-    positive("resources.parallel", r.parallel, allow_none=True)
-    positive("evaluate.max_sentences", cfg.evaluate.max_sentences, allow_none=True)
-    if cfg.export.dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"export.dtype={cfg.export.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    """A heal recipe from YAML (or ``data``, or the defaults) with ``key.sub=value`` overrides, checked."""
+    return from_dict(HealConfig, read_yaml(path, overrides, data, kind="heal config",
+                                           example="search_spaces/heal_demo.yaml", example_override="lora.r=8"))

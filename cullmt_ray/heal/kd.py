@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..atomic import atomic_path, write_json
 from ..data import DataError, DevSet, Direction, direction_name, dumps_canonical, load_devset
-from ..families import Decoding
+from ..config import Decoding
 
 COLUMNS = ["src_lang", "tgt_lang", "line", "source", "reference", "teacher"]
 

@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..families import Decoding, FamilyError, ModelFamily, ModelSpec, unit_stack
-from ..families.decoder import DecoderOnlyFamily
+from ..config import Decoding, ModelConfig
+from ..families import FamilyError, ModelFamily
+from ..families.base import Example
+from ..units import unit_stack
 
 
 # ----------------------------------------------------------------------------- LoRA targets
@@ -71,7 +73,7 @@ def peft_config(family: ModelFamily, lora: dict, removed: list[str] = ()):
     layers get adapters, else every layer of every stack."""
     from peft import LoraConfig, TaskType
 
-    task = TaskType.CAUSAL_LM if isinstance(family, DecoderOnlyFamily) else TaskType.SEQ_2_SEQ_LM
+    task = TaskType.CAUSAL_LM if family.causal else TaskType.SEQ_2_SEQ_LM
     targets = resolve_targets(family, lora["target_modules"])
     if lora.get("stacks", "all") == "pruned" and removed:
         targets = adapted_modules(family, targets, list(removed))
@@ -80,34 +82,15 @@ def peft_config(family: ModelFamily, lora: dict, removed: list[str] = ()):
 
 
 # ----------------------------------------------------------------------------- data
-Example = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss)
-
-
 def encode(family: ModelFamily, pairs: list[tuple[str, str, str, str]], max_len: int) -> list[Example]:
     """Token ids of ``(src_lang, tgt_lang, source, target)`` pairs for teacher-forced training;
     pairs longer than ``max_len`` tokens on either side are skipped."""
-    tok = family.tokenizer
     groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for s, t, src, tgt in pairs:
         groups.setdefault((s, t), []).append((src, tgt))
     out: list[Example] = []
     for (s, t), items in groups.items():
-        srcs, tgts = [x[0] for x in items], [x[1] for x in items]
-        if isinstance(family, DecoderOnlyFamily):
-            for src, tgt in zip(srcs, tgts):
-                head = tok(family.prompt(src, s, t), add_special_tokens=False)["input_ids"]
-                if tok.bos_token_id is not None and not family.use_chat_template:
-                    head = [tok.bos_token_id] + head
-                tail = tok(" " + tgt, add_special_tokens=False)["input_ids"]
-                if tok.eos_token_id is not None:
-                    tail = tail + [tok.eos_token_id]
-                if len(head) + len(tail) <= max_len:
-                    out.append((head + tail, [-100] * len(head) + tail))
-        else:
-            tok.src_lang, _ = family.lang_token(s)
-            tok.tgt_lang, _ = family.lang_token(t)
-            enc = tok(srcs, text_target=tgts)
-            out += [(a, b) for a, b in zip(enc["input_ids"], enc["labels"]) if len(a) <= max_len and len(b) <= max_len]
+        out += family.training_examples(s, t, [x[0] for x in items], [x[1] for x in items], max_len)
     return out
 
 
@@ -153,11 +136,6 @@ def _loss_sum(model: nn.Module, examples: list[Example], pad_id: int, device, ba
         total += float(loss(batch) if loss else model(**batch).loss) * n
         count += n
     return total, count
-
-
-def _shifts(model: nn.Module) -> bool:
-    """Causal LMs shift labels inside ``forward``: one fewer predicted token per row."""
-    return not getattr(model.config, "is_encoder_decoder", False)
 
 
 def set_training(model: nn.Module, model_dropout: bool) -> None:
@@ -229,7 +207,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, config["threads"]))
     torch.manual_seed(config["seed"] + rank)
     device = ray.train.torch.get_device()
-    spec = ModelSpec(**{**config["spec"], "device": str(device)})
+    spec = ModelConfig(**{**config["spec"], "device": str(device)})
     family = load_family(spec)
     data = ray.get(config["data"])
     scorer = Scorer(spm=config["spm"], metrics=tuple(config["metrics"]))
@@ -349,22 +327,16 @@ def _decoder_inputs(family: ModelFamily, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _final_hidden(out, decoder_only: bool) -> torch.Tensor:
-    """The representation the kept layers must reproduce: the encoder's output (encoder-decoder models),
-    the last layer's output (decoder-only)."""
-    return out.hidden_states[-1] if decoder_only else out.encoder_last_hidden_state
-
-
 def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | None, batch: dict,
                   label_smoothing: float = 0.0, word_kd: float = 0.0, hidden_kd: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the targets (label-smoothed if asked; the targets are the teacher's translations
     for sequence-level KD), mixed with ``word_kd`` x the token-level KL(teacher || student) over the
     same target positions (word-level KD, Kim & Rush 2016), plus ``hidden_kd`` x the relative squared
-    error between the student's and the teacher's final hidden states (:func:`_final_hidden`) over the
+    error between the student's and the teacher's hidden states (:meth:`ModelFamily.kd_hidden`) over the
     input tokens: a direct signal for the layers next to a removed one."""
     if not label_smoothing and not word_kd and not hidden_kd:
         return model(**batch).loss
-    shift = _shifts(family.model)
+    shift = family.causal  # causal LMs shift labels inside forward: one fewer predicted token per row
     labels = batch["labels"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not shift:
@@ -390,7 +362,7 @@ def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | No
         loss = loss + word_kd * kl
     if hidden_kd:
         real = batch["attention_mask"].bool()
-        h_s, h_t = _final_hidden(out, shift).float()[real], _final_hidden(t_out, shift).float()[real]
+        h_s, h_t = family.kd_hidden(out).float()[real], family.kd_hidden(t_out).float()[real]
         loss = loss + hidden_kd * ((h_s - h_t) ** 2).sum() / (h_t**2).sum().clamp_min(1e-6)
     return loss
 
@@ -407,7 +379,7 @@ class TrainOutcome:
     finished: float = 0.0
 
 
-def train_lora(spec: ModelSpec, removed: list[str], train_pairs: list[dict], val_groups: list[dict],
+def train_lora(spec: ModelConfig, removed: list[str], train_pairs: list[dict], val_groups: list[dict],
                settings: dict, storage_path: str, name: str, fault: dict | None = None,
                log: Callable[[str], None] = print) -> TrainOutcome:
     """Fine-tune LoRA adapters of the model without ``removed`` on ``train_pairs`` with Ray Train.

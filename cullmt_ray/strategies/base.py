@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from ..candidate import Candidate
-from ..store import Evaluation
+from ..candidate import Candidate, Evaluation
+from ..units import empties_a_group
 
 
 class StrategyError(ValueError):
@@ -34,15 +34,10 @@ class SearchSpace:
         return [u for u in self.units if u not in self.protected]
 
     def allows(self, candidate: Candidate) -> bool:
-        """Protected units stay, and every stack (``enc``, ``dec``, ``layer``) keeps at least one unit."""
+        """Protected units stay, and every stack (``enc``, ``dec``, ``layer``; each MoE layer) keeps a unit."""
         if candidate.removed & self.protected:
             return False
-        stacks: dict[str, int] = {}
-        for u in self.units:
-            stacks[u.rsplit(".", 1)[0]] = stacks.get(u.rsplit(".", 1)[0], 0) + 1
-        for u in candidate.removed:
-            stacks[u.rsplit(".", 1)[0]] -= 1
-        return all(n > 0 for n in stacks.values())
+        return empties_a_group(self.units, candidate.removed) is None
 
     def random_candidate(self, size: int, rng: random.Random) -> Candidate:
         """A uniformly drawn allowed prune set of ``size`` units (rejection sampling)."""
@@ -124,6 +119,13 @@ class BaseStrategy(ABC):
         if self.budget_left is not None:
             out = out[: self.budget_left]
         self.asked.update(out)
+        return out
+
+    def _offer(self, candidates: list[Candidate], exhausted: str) -> list[Candidate]:
+        """:meth:`_take`, and when nothing is left to ask, stop: the budget is spent, or ``exhausted``."""
+        out = self._take(candidates)
+        if not out:
+            self.stop_reason = "budget spent" if self.budget_left == 0 else exhausted
         return out
 
     def _record(self, results: list[Evaluation]) -> None:

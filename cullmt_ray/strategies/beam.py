@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..candidate import BASELINE, Candidate
-from ..store import Evaluation
+from ..candidate import BASELINE, Candidate, Evaluation
 from .base import BaseStrategy
 
 
@@ -23,10 +22,7 @@ class BeamStrategy(BaseStrategy):
         if self.stop_reason:
             return []
         options = [b.with_removed(u) for b in self.beams for u in self.space.removable if u not in b.removed]
-        out = self._take(options)
-        if not out:
-            self._finish("budget spent" if self.budget_left == 0 else "no removable unit left")
-        return out
+        return self._offer(options, "no removable unit left")
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)
@@ -39,16 +35,13 @@ class BeamStrategy(BaseStrategy):
                 "accepted": drop <= self.stop.threshold}
         self.steps.append(step)
         if not step["accepted"]:
-            self._finish(f"the best set of size {len(best.candidate)} drops {drop:.2f} points > "
-                         f"threshold {self.stop.threshold}")
+            self.stop_reason = (f"the best set of size {len(best.candidate)} drops {drop:.2f} points > "
+                                f"threshold {self.stop.threshold}")
             return
         self.beams = [e.candidate for e in ranked[: self.width]]
         self.final = best.candidate.units
         if reason := self._stop_after_step(best):
-            self._finish(reason)
-
-    def _finish(self, reason: str) -> None:
-        self.stop_reason = reason
+            self.stop_reason = reason
 
     def trace(self) -> dict:
         return {**super().trace(), "final": self.final, "width": self.width, "steps": self.steps}

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..candidate import Candidate
-from ..store import Evaluation
+from ..candidate import Candidate, Evaluation
 from .base import BaseStrategy
 
 

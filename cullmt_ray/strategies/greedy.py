@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..candidate import BASELINE, Candidate
-from ..store import Evaluation
+from ..candidate import BASELINE, Candidate, Evaluation
 from .base import BaseStrategy
 
 
@@ -21,10 +20,7 @@ class GreedyStrategy(BaseStrategy):
         if self.stop_reason:
             return []
         options = [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed]
-        allowed = self._take(options)
-        if not allowed:
-            self._finish("budget spent" if self.budget_left == 0 else "no removable unit left")
-        return allowed
+        return self._offer(options, "no removable unit left")
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)
@@ -38,16 +34,13 @@ class GreedyStrategy(BaseStrategy):
         if drop > self.stop.threshold:
             step["accepted"] = False
             self.steps.append(step)
-            self._finish(f"the best next removal drops {drop:.2f} points > threshold {self.stop.threshold}")
+            self.stop_reason = f"the best next removal drops {drop:.2f} points > threshold {self.stop.threshold}"
             return
         step["accepted"] = True
         self.steps.append(step)
         self.current = best.candidate
         if reason := self._stop_after_step(best):
-            self._finish(reason)
-
-    def _finish(self, reason: str) -> None:
-        self.stop_reason = reason
+            self.stop_reason = reason
 
     def trace(self) -> dict:
         return {"strategy": self.name, "final": self.current.units, "stop_reason": self.stop_reason,

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from ..candidate import Candidate
-from ..store import Evaluation
+from ..candidate import Candidate, Evaluation
 from .base import BaseStrategy, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -99,10 +98,7 @@ class OptunaStrategy(BaseStrategy):
                 self._pending.setdefault(c, []).append(trial)
                 if c not in out:
                     out.append(c)
-        out = self._take(out)
-        if not out:
-            self.stop_reason = "budget spent" if self.budget_left == 0 else "the sampler proposes only known sets"
-        return out
+        return self._offer(out, "the sampler proposes only known sets")
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)

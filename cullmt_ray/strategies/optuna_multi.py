@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from ..candidate import Candidate
-from ..store import Evaluation
+from ..candidate import Candidate, Evaluation
 from .optuna_common import PRIORITY, OptunaStrategy, lowest_priority_set, priorities_of
 
 

@@ -12,8 +12,7 @@ from typing import ClassVar
 
 import optuna
 
-from ..candidate import Candidate
-from ..store import Evaluation
+from ..candidate import Candidate, Evaluation
 from .optuna_common import OptunaStrategy, lowest_priority_set, priorities_of
 
 

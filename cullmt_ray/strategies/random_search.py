@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from math import comb
 from typing import ClassVar
 
-from ..candidate import Candidate
-from ..store import Evaluation
+from ..candidate import Candidate, Evaluation
 from .base import BaseStrategy
 
 
@@ -30,10 +29,7 @@ class RandomStrategy(BaseStrategy):
             c = self.space.random_candidate(k, self.rng)
             if c not in self.asked and c not in out:
                 out.append(c)
-        out = self._take(out)
-        if not out:
-            self.stop_reason = "budget spent" if self.budget_left == 0 else "every prune set of that size tried"
-        return out
+        return self._offer(out, "every prune set of that size tried")
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)

@@ -1,0 +1,146 @@
+"""The one evaluation service: store lookup -> evaluator pool -> store write -> metrics -> budget.
+
+Every verb and both drivers (the local loop and the Ray Tune searcher) score candidates through
+:class:`EvaluationService`, so a candidate is computed at most once per context, every result is
+stored the moment it finishes, and the budget counters mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from . import monitoring
+from .candidate import Candidate, Evaluation
+from .config import SearchRunConfig
+from .data import DevSet, Direction, describe
+from .metrics import METRICS, Metric
+from .store import ResultStore
+
+
+class RunError(RuntimeError):
+    """Evaluation cannot go on (an actor that keeps dying, a lost cluster); one line saying why."""
+
+
+@dataclass
+class EvalSet:
+    """One evaluation context: the directions scored, how, and the store key of the whole setting."""
+
+    directions: list[Direction]
+    description: dict
+    metric: Metric
+    context: str = ""
+    limit: int | None = None  # only the first ``limit`` sentences per direction (a low-fidelity stage)
+
+
+@dataclass
+class Budget:
+    """What a run spent: full evaluations computed, read from the store, sentences generated and asked for."""
+
+    evaluated: int = 0
+    cached: int = 0
+    sentences: int = 0
+    requested: int = 0  # sentences of every evaluation asked for, computed or read (full-evaluation equivalents)
+
+    def as_dict(self) -> dict:
+        return {"evaluations": self.evaluated, "cached": self.cached, "sentences": self.sentences}
+
+
+@dataclass
+class EvaluationService:
+    """Scores candidates in evaluation contexts: from the store where known, else on the pool."""
+
+    cfg: SearchRunConfig
+    pool: object  # EvaluatorPool (Ray); typed loosely so that this module stays Ray-free
+    store: ResultStore
+    devset: DevSet
+    run_id: str
+    budget: Budget = field(default_factory=Budget)
+    _stages: dict[str, EvalSet] = field(default_factory=dict)
+
+    def evalset(self, directions: list[Direction], limit: int | None = None, metric: str | None = None) -> EvalSet:
+        """The context of scoring ``directions`` (first ``limit`` sentences; ``metric`` kl: the proxy)."""
+        from .families import model_fingerprint
+
+        info = self.pool.info[0]
+        desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": self.cfg.model.dtype,
+                "eval": describe(self.devset, directions), "metric": self.cfg.metric.primary,
+                "signatures": info["signatures"], "decoding": self.cfg.decoding.__dict__.copy()}
+        if info.get("dispatch"):
+            desc["moe_dispatch"] = info["dispatch"]
+        es = EvalSet(list(directions), desc, METRICS[self.cfg.metric.primary])
+        if limit is not None and limit < len(self.devset):
+            es.limit = limit
+            desc["first_sentences"] = limit
+        if metric is not None and metric != self.cfg.metric.primary:
+            es.metric = METRICS[metric]
+            desc.update(proxy=metric, metric=metric)
+        es.context = self.store.register_context(desc)
+        return es
+
+    # ------------------------------------------------------------------ the two halves (Tune uses them)
+    def lookup(self, candidate: Candidate, es: EvalSet, strategy: str) -> Evaluation | None:
+        hit = self.store.get(es.context, candidate)
+        if hit is not None:
+            self.budget.cached += 1
+            monitoring.store_hit(self.run_id, strategy, hit)
+        return hit
+
+    def record(self, candidate: Candidate, result: dict, es: EvalSet, strategy: str) -> Evaluation:
+        """Store a computed result (a merged pool result) and count it."""
+        ev = Evaluation(candidate, result["score"], result["params"], result["bytes"], result["metrics"],
+                        result["sentences"], result["seconds"], strategy, self.run_id, result["actor"])
+        self.store.put(es.context, ev)
+        monitoring.evaluated(ev)
+        self.budget.evaluated += 1
+        self.budget.sentences += ev.sentences
+        return ev
+
+    # ------------------------------------------------------------------ scoring
+    def evaluate(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> list[Evaluation]:
+        """Scores in input order: from the store where known, else from the pool (and then stored)."""
+        from tqdm import tqdm
+
+        out: dict[Candidate, Evaluation] = {}
+        todo: list[Candidate] = []
+        for c in dict.fromkeys(candidates):
+            hit = self.lookup(c, es, strategy)
+            if hit is not None:
+                out[c] = hit
+            else:
+                todo.append(c)
+        bar = tqdm(total=len(todo), desc=f"{strategy}: evaluating", unit="cand", leave=False,
+                   disable=not todo or os.environ.get("CULLMT_NO_PROGRESS") == "1")
+        for cand, res in self.pool.evaluate(((c, es.directions) for c in todo), es.limit, es.metric.name):
+            out[cand] = self.record(cand, res, es, strategy)
+            bar.update(1)
+        bar.close()
+        self.budget.requested += sum(out[c].sentences for c in dict.fromkeys(candidates))
+        return [out[c] for c in candidates]
+
+    def evaluate_staged(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> list[Evaluation]:
+        """Score a batch through the stages of ``search.fidelity`` (see :class:`FidelityConfig`): each
+        stage scores what the previous one kept and passes on its best ``keep`` fraction; a candidate
+        dropped at a stage keeps that stage's evaluation. A proxy's ranked score (negated KL) is below
+        any BLEU, so a dropped candidate ranks under the decoded ones. No stage on: :meth:`evaluate`."""
+        fid = self.cfg.search.fidelity
+        stages = []
+        if fid.proxy:
+            stages.append(("proxy", {"metric": fid.proxy}))
+        if fid.sentences is not None:
+            stages.append(("low", {"limit": fid.sentences}))
+        result: dict[Candidate, Evaluation] = {}
+        todo = list(dict.fromkeys(candidates))
+        for name, how in stages:
+            if len(todo) < 2:
+                break
+            key = f"{name}|{','.join(map(str, es.directions))}"
+            if key not in self._stages:
+                self._stages[key] = self.evalset(es.directions, **how)
+            scored = self.evaluate(todo, f"{strategy}:{name}", self._stages[key])
+            result.update(zip(todo, scored))
+            keep = max(1, math.ceil(fid.keep * len(todo)))
+            todo = [e.candidate for e in sorted(scored, key=lambda e: (-e.score, e.params))[:keep]]
+        result.update(zip(todo, self.evaluate(todo, strategy, es)))
+        return [result[c] for c in candidates]
