@@ -205,5 +205,5 @@ def test_expert_controls_are_validated(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text("experts:\n  controls: [random, shuffled]\n")
-    with pytest.raises(ConfigError, match=r"experts.controls: 'shuffled' is not one of random, reverse"):
+    with pytest.raises(ConfigError, match=r"experts.controls='shuffled': expected one of random, reverse"):
         load_config(path)

@@ -74,7 +74,7 @@ def test_size_accounts_removed_layers(encdec):
 
 
 def test_bad_prune_sets(encdec):
-    with pytest.raises(FamilyError, match="'dec.9' is not in this model"):
+    with pytest.raises(FamilyError, match="'dec.9' is not a unit of this model"):
         encdec.size(["dec.9"])
     with pytest.raises(FamilyError, match="removes every layer of 'enc'"):
         with encdec.apply(["enc.0", "enc.1", "enc.2"]):

@@ -294,7 +294,7 @@ CLI = [sys.executable, "-m", "cullmt_ray.cli", "heal"]
     (["--candidate", "nope"], "--candidate 'nope': no candidate"),
     (["--candidate", "enc.9"], "unit 'enc.9' is not in"),
     (["--mix", "teacher"], "mix='teacher': expected one of kd, refs, both"),
-    (["--set", "lora.r=0"], "lora.r=0: expected > 0"),
+    (["--set", "lora.r=0"], "lora.r=0: expected >= 1"),
     (["--set", "lora.alpha=big"], "lora.alpha='big': expected an integer"),
     (["--target-modules", "q_proj,wq"], "lora.target_modules: 'wq' matches no linear layer"),
     (["--set", "corpus.path=/no/corpus"], "corpus.path='/no/corpus' does not exist"),

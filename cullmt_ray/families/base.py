@@ -108,7 +108,8 @@ class ModelFamily(ABC):
         units = self.units()
         bad = sort_units(removed - set(units))
         if bad:
-            raise FamilyError(f"unit {bad[0]!r} is not in this model; its units are {units[0]} .. {units[-1]}")
+            what = "a unit" if "expert" not in bad[0] else "an expert"
+            raise FamilyError(f"unit {bad[0]!r} is not {what} of this model; its units are {units[0]} .. {units[-1]}")
         group = empties_a_group(units, removed)
         if group:
             what = "expert" if "." in group else "layer"
