@@ -259,7 +259,20 @@ class ExpertsConfig:
 
 
 @dataclass
-class SearchRunConfig:
+class NamedConfig:
+    """A whole config: a name (the run folder's prefix) and its sections; saved as YAML beside the results."""
+
+    name: str = "run"
+
+    def check(self) -> None:
+        _plain_name("name", self.name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SearchRunConfig(NamedConfig):
     name: str = "search"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -269,12 +282,6 @@ class SearchRunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-
-    def check(self) -> None:
-        _plain_name("name", self.name)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- reading

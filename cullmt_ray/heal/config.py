@@ -7,11 +7,10 @@ bad field, its value and what is expected.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, Decoding, _one_of, _plain_name, _positive, from_dict, read_yaml
+from ..config import ConfigError, Decoding, NamedConfig, _one_of, _positive, from_dict, read_yaml
 
 MIXES = ("kd", "refs", "both")
 
@@ -148,12 +147,12 @@ class ExportConfig:
 
 
 @dataclass
-class HealConfig:
+class HealConfig(NamedConfig):
     name: str = "heal"
-    mix: str = "kd"  # kd (teacher translations) | refs (human references) | both
-    directions: str | list[str] | None = None  # default: the search run's data.directions
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    directions: str | list[str] | None = None  # default: the search run's data.directions
     kd: KDConfig = field(default_factory=KDConfig)
+    mix: str = "kd"  # kd (teacher translations) | refs (human references) | both
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     resources: HealResources = field(default_factory=HealResources)
@@ -161,11 +160,8 @@ class HealConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def check(self) -> None:
+        super().check()
         _one_of("mix", self.mix, MIXES)
-        _plain_name("name", self.name)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def load_heal_config(path: str | Path | None = None, overrides: list[str] | None = None,
