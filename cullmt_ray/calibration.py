@@ -114,11 +114,14 @@ def _plot(r: dict, path: Path) -> None:
     width = 0.8 / max(1, len(r["calibrations"]))
     for i, c in enumerate(r["calibrations"]):
         drops = [c["per_direction"][n]["baseline"] - c["per_direction"][n]["pruned"] for n in names]
-        ax.bar([j + i * width for j in range(len(names))], drops, width, label=c["calibration"])
+        bars = ax.bar([j + i * width for j in range(len(names))], drops, width, label=c["calibration"])
+        for bar, n in zip(bars, names):  # held out by this calibration choice: hatched
+            if n not in c["directions"]:
+                bar.set_hatch("///")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
     ax.set_xticklabels([n.replace("_Latn", "") for n in names], rotation=30, fontsize=8)
     ax.set_ylabel(f"{r['metric']} drop from baseline")
-    ax.set_title("Per-direction loss by calibration choice", fontsize=10)
+    ax.set_title("Per-direction loss by calibration choice (hatched: held out, not calibrated on)", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -32,6 +32,7 @@ examples:
   cullmt-ray evaluate --remove enc.3,dec.1            # score one prune set against the baseline
   cullmt-ray evaluate --dev ../shared/data/multi30k --split test_2016_flickr --max-sentences all
   cullmt-ray pareto results/runs/demo-dense-20261123-181700
+  cullmt-ray report results/runs/demo-dense-20261123-181700   # report.html + sensitivity heatmap
   cullmt-ray heal results/runs/demo-dense-20261123-181700 --config search_spaces/heal_demo.yaml --candidate best
   cullmt-ray submit --address http://127.0.0.1:8265 --follow -- search --target-removed 2   # on a Ray cluster
 
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder made by cullmt-ray search, or a results store (.sqlite)")
     p.add_argument("--store", help="results store; default: the one the run used")
     p.add_argument("--out", help="output folder (default: the run folder)")
+    r = sub.add_parser("report", help="(re)write a run folder's report.html and sensitivity heatmap",
+                       description="Write report.html (Pareto plot, per-direction scores with signatures, trace, "
+                                   "held-out scores, calibration) and sensitivity.{csv,png} (the metric drop of each "
+                                   "direction when one unit is removed alone) for a finished search run folder.")
+    r.add_argument("run_dir", help="a run folder made by cullmt-ray search")
+    r.add_argument("--store", help="results store; default: the one the run used")
     j = sub.add_parser("submit", help="run a command (search, compare, ...) on a Ray cluster as a Ray job",
                        description="Send a cullmt-ray command and its arguments to a running Ray cluster through the "
                                    "Ray Jobs API, with this checkout as the working directory. The cluster's token "
@@ -345,6 +352,22 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .session import load_run_config
+    from .store import ResultStore
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir, flag="report")
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    if info.get("status") != "finished" or "context" not in info:
+        raise ValueError(f"report {run_dir}: the run has not finished (status {info.get('status')}); "
+                         f"finish it with cullmt-ray search --resume {run_dir}")
+    with ResultStore(args.store or cfg.output.store, read_only=True) as store:
+        print(write_report(run_dir, store, f"{cfg.model.name} on {cfg.data.dev}"))
+    return 0
+
+
 def cmd_heal(args: argparse.Namespace) -> int:
     from .heal import load_heal_config, resume_heal, run_heal
 
@@ -409,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return forward(list(sys.argv[1:] if argv is None else argv), args.address)
         commands = {"search": cmd_search, "compare": cmd_compare, "calibrate": cmd_calibrate,
                     "evaluate": cmd_evaluate, "pareto": cmd_pareto, "submit": cmd_submit, "experts": cmd_experts,
-                    "heal": cmd_heal}
+                    "heal": cmd_heal, "report": cmd_report}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print(f"cullmt-ray {args.command}: interrupted", file=sys.stderr)

@@ -89,7 +89,7 @@ def _plots(runs: dict[str, dict], baseline: Evaluation, out: Path, metric: str, 
     for name, run in runs.items():
         front = non_dominated(run["evaluations"] + [baseline])
         ax.plot([e.params / 1e6 for e in front], [e.score for e in front], "-o", ms=3, drawstyle="steps-post",
-                label=name)
+                label=name if run["evaluations"] else f"{name} (no evaluations)")
     ax.scatter([baseline.params / 1e6], [baseline.score], marker="*", s=140, c="tab:red", label="baseline", zorder=5)
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel(metric)

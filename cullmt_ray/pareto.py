@@ -68,8 +68,10 @@ def write_tables(df: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 def plot(all_df: pd.DataFrame, front_df: pd.DataFrame, baseline: Evaluation, path: Path, metric: str,
-         title: str, paths: dict[str, list[tuple[int, float]]] | None = None) -> Path:
-    """Size vs score: every evaluation, the front, each strategy's path, the baseline."""
+         title: str, paths: dict[str, list[tuple[int, float]]] | None = None, threshold: float | None = None,
+         label: str | None = None) -> Path:
+    """Size vs score: every evaluation, the front (solid steps), each strategy's path (dashed), the
+    baseline, and the quality floor ``baseline - threshold`` (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,11 +85,13 @@ def plot(all_df: pd.DataFrame, front_df: pd.DataFrame, baseline: Evaluation, pat
     for name, pts in (paths or {}).items():
         if pts:
             xs, ys = zip(*pts)
-            ax.plot([x / scale for x in xs], ys, "--x", ms=5, label=f"{name} path", zorder=2)
+            ax.plot([x / scale for x in xs], ys, "--x", c="tab:orange", ms=5, label=f"{name} path", zorder=2)
     ax.scatter([baseline.params / scale], [baseline.score], marker="*", s=160, c="tab:red", label="baseline",
                zorder=4)
+    if threshold is not None:
+        ax.axhline(baseline.score - threshold, ls=":", c="tab:red", lw=1, label=f"threshold (-{threshold:g})")
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"{metric} (mean over calibration directions)")
+    ax.set_ylabel(f"{label or metric} (mean over calibration directions)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -96,12 +100,13 @@ def plot(all_df: pd.DataFrame, front_df: pd.DataFrame, baseline: Evaluation, pat
 
 
 def export_front(evals: list[Evaluation], baseline: Evaluation, out_dir: Path, metric: str, title: str,
-                 paths: dict[str, list[tuple[int, float]]] | None = None) -> dict[str, Path]:
+                 paths: dict[str, list[tuple[int, float]]] | None = None, threshold: float | None = None,
+                 label: str | None = None) -> dict[str, Path]:
     """Write pareto.{csv,json,parquet,png} and evaluations.{csv,parquet} into ``out_dir``."""
     front = non_dominated(evals)
     all_df, front_df = to_frame(evals, baseline, metric), to_frame(front, baseline, metric)
     files = {p.suffix[1:]: p for p in write_tables(front_df, out_dir / "pareto")}
-    files["png"] = plot(all_df, front_df, baseline, out_dir / "pareto.png", metric, title, paths)
+    files["png"] = plot(all_df, front_df, baseline, out_dir / "pareto.png", metric, title, paths, threshold, label)
     for p in write_tables(all_df, out_dir / "evaluations"):
         files[f"evaluations.{p.suffix[1:]}"] = p
     write_json(out_dir / "pareto_summary.json", {
@@ -118,8 +123,14 @@ def strategy_path(trace: dict, baseline: Evaluation) -> list[tuple[int, float]]:
     return pts
 
 
+def metric_label(metric: str, signature: str) -> str:
+    """``spbleu [tok:spm[multi30k_spm.model#9df887bc]]``: the metric with the tokenizer its signature names."""
+    tok = next((part for part in signature.split("|") if part.startswith("tok:")), "")
+    return f"{metric} [{tok}]" if tok else metric
+
+
 def export_context(store, context: str, out_dir: Path, title: str | None = None,
-                   trace: dict | None = None) -> dict[str, Path]:
+                   trace: dict | None = None, threshold: float | None = None) -> dict[str, Path]:
     """The front of one store context (its baseline evaluation must be there), with a strategy's path."""
     from .candidate import BASELINE
 
@@ -130,7 +141,9 @@ def export_context(store, context: str, out_dir: Path, title: str | None = None,
     evals = list(store.evaluations(context))
     paths = {trace.get("strategy", "search"): strategy_path(trace, baseline)} if trace else None
     title = title or f"{desc['model']} on {desc['eval']['source']}"
-    return export_front(evals, baseline, out_dir, desc["metric"], f"{title} ({len(evals)} evaluations)", paths)
+    label = metric_label(desc["metric"], desc.get("signatures", {}).get(desc["metric"], ""))
+    return export_front(evals, baseline, out_dir, desc["metric"], f"{title} ({len(evals)} evaluations)", paths,
+                        threshold, label)
 
 
 def export_store(store, out: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from .candidate import BASELINE, Candidate, Evaluation
 from .config import SearchRunConfig
 from .data import direction_name
 from .pareto import export_context
+from .report import write_report
 from .session import Session, open_session
 from .strategies import make_strategy
 
@@ -45,16 +46,20 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None) -> Path:
         heldout = score_heldout(session, trace)
         if heldout:
             write_json(session.run_dir / "heldout.json", heldout)
-        files = export_context(session.store, session.calibration.context, session.run_dir,
-                               f"{cfg.model.name} on {cfg.data.dev}", trace)
+        title = f"{cfg.model.name} on {cfg.data.dev}"
+        files = export_context(session.store, session.calibration.context, session.run_dir, title, trace,
+                               cfg.search.threshold)
         session.finish(wall_seconds=round(time.time() - t0, 2),
                        baseline={"score": baseline.score, "params": baseline.params, "bytes": baseline.bytes},
                        final={"removed": trace.get("final", []), "stop_reason": trace.get("stop_reason", "")},
-                       files={k: str(v.relative_to(session.run_dir)) for k, v in files.items()})
+                       files={**{k: str(v.relative_to(session.run_dir)) for k, v in files.items()},
+                              "report": "report.html", "sensitivity": "sensitivity.csv"})
+        write_report(session.run_dir, session.store, title)
         b = session.service.budget
         log.info("finished: removed %s (%s); %d evaluations computed, %d read from the store",
                  trace.get("final", []), trace.get("stop_reason", ""), b.evaluated, b.cached)
-        log.info("Pareto front: %s and %s", session.run_dir / "pareto.csv", session.run_dir / "pareto.png")
+        log.info("Pareto front: %s and %s; report: %s", session.run_dir / "pareto.csv", session.run_dir / "pareto.png",
+                 session.run_dir / "report.html")
         return session.run_dir
 
 
