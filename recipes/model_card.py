@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from cullmt_ray.card import load_snippet, signature_lines
+
 ARCH_NAMES = {"m2m100": "NLLB dense (M2M100ForConditionalGeneration)",
               "nllb_moe": "NLLB-MoE (NllbMoeForConditionalGeneration)",
               "llama": "Llama (LlamaForCausalLM), prompt-based translation"}
@@ -21,24 +23,6 @@ ARCH_NAMES = {"m2m100": "NLLB dense (M2M100ForConditionalGeneration)",
 TOKEN_USE = {False: "the target language token is forced as the first generated token",
              True: "this decoder-only model uses no language tokens: it translates from the prompt "
                    "'{Source}: {text}\\n{Target}:' and stops at the end of the line"}
-
-LOAD_SNIPPETS = {
-    "seq2seq": """from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{model_dir}", src_lang="eng_Latn")
-model = AutoModelForSeq2SeqLM.from_pretrained("{model_dir}")
-out = model.generate(**tok(["A dog runs on the beach."], return_tensors="pt"),
-                     forced_bos_token_id=tok.convert_tokens_to_ids("deu_Latn"))
-print(tok.batch_decode(out, skip_special_tokens=True))""",
-    "llama": """import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{model_dir}")
-model = AutoModelForCausalLM.from_pretrained("{model_dir}")
-prompt = "English: A dog runs on the beach.\\nGerman:"  # the prompt it was trained with
-ids = torch.tensor([[tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]])
-out = model.generate(ids, max_new_tokens=40, do_sample=False)
-print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\\n")[0])""",
-}
-
 
 def card(model_dir: Path, config_path: Path, scores: dict, target: float | None, remark: str = "") -> str:
     train = json.loads((model_dir / "training.json").read_text())
@@ -59,7 +43,7 @@ def card(model_dir: Path, config_path: Path, scores: dict, target: float | None,
                f"{'met' if mean_bleu >= target else 'MISSED'} with {mean_bleu:.2f}.\n")
     epochs = (f"{train['step'] / train['steps_per_epoch']:.2f}" if train.get("steps_per_epoch")
               else cfg["train"]["epochs"])
-    sigs = "\n".join(f"- {m}: `{s}`" for m, s in scores["signatures"].items())
+    sigs = signature_lines(scores["signatures"])
     model_cfg = "\n".join(f"  {k}: {v}" for k, v in cfg["model"].items())
     ini = cfg.get("init_from")
     origin = ("trained from scratch by cullmt-ray" if not ini else
@@ -121,7 +105,7 @@ python recipes/model_card.py --model {model_dir} --config {config_path} \\
 ## Load it without cullmt-ray
 
 ```python
-{LOAD_SNIPPETS['llama' if train['arch'] == 'llama' else 'seq2seq'].format(model_dir=model_dir)}
+{load_snippet(train['arch'] == 'llama', str(model_dir))}
 ```
 
 Licence: trained on Multi30k (research use); cullmt-ray code is Apache-2.0.
