@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", help=f"search strategy: {names} (default greedy)")
     s.add_argument("--max-evaluations", type=int, help="budget: distinct candidates the strategy may ask for")
     s.add_argument("--resume", metavar="RUN_DIR", help="resume a killed run: evaluations already stored are reused")
+    s.add_argument("--accept-config-changes", action="store_true",
+                   help="with --resume: go on although the run folder's config.yaml was edited since the run "
+                        "started (its scores then go under a new store key); refused otherwise")
     c = sub.add_parser("compare", help="run several strategies on one pool and store with the same budget; report",
                        description="Run strategies with the same budget (greedy's, unless --budget) on one evaluator "
                                    "pool and store; write compare.{md,json}, fronts.png and progress.png.")
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategies", default="greedy,beam,evolutionary,tpe,nsga2,random",
                    help="comma-separated strategies (default: all but motpe); greedy runs first and sets the budget")
     c.add_argument("--budget", type=int, help="distinct candidates per strategy (default: what greedy used)")
+    c.add_argument("--resume", metavar="RUN_DIR", help="finish a killed comparison in its folder: stored evaluations "
+                                                       "are reused, and the report counts the work of every attempt")
+    c.add_argument("--accept-config-changes", action="store_true",
+                   help="with --resume: go on although the folder's config.yaml was edited since it started")
     k = sub.add_parser("calibrate", help="search once per calibration choice; score every result on all directions",
                        description="Run the strategy once per calibration choice (the directions candidates are "
                                    "scored on) and score each chosen prune set on all configured directions; write "
@@ -215,7 +222,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
         log.info("resuming %s", run_dir)
-        run_search(cfg, run_dir)
+        run_search(cfg, run_dir, accept_config_changes=args.accept_config_changes)
     else:
         run_search(load_config(args.config, _overrides(args)))
     return 0
@@ -225,6 +232,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
     from .config import load_config
 
+    if args.resume:
+        from .session import load_run_config
+
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        log.info("resuming %s", run_dir)
+        run_compare(cfg, None, None, run_dir, accept_config_changes=args.accept_config_changes)
+        return 0
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     bad = [n for n in names if n not in _strategy_names()]
     if bad or not names:
@@ -272,10 +287,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bad = [u for u in removed.units if u not in units]
     if bad:
         raise ValueError(f"--remove: {bad[0]!r} is not a unit of {cfg.model.name}; its units are {', '.join(units)}")
+    from .session import check_output_dir
+
     if args.json_out:
-        _writable(Path(args.json_out).parent, "--json")
+        if Path(args.json_out).is_dir():
+            raise ValueError(f"--json {args.json_out}: is a folder; expected a file name")
+        check_output_dir(Path(args.json_out).parent, "--json")
     if args.export:
-        _writable(Path(args.export).parent, "--export")
+        check_output_dir(args.export, "--export")
     with open_session(cfg, "evaluate", folder=False) as session:
         evals = session.evaluate([BASELINE] if not removed.removed else [BASELINE, removed], "evaluate")
         report = {"model": cfg.model.name, "dev": cfg.data.dev, "split": cfg.data.split,
@@ -292,15 +311,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             ray.get(session.pool.actors[0].export.remote(removed.units, str(Path(args.export).resolve()), card))
             print(f"pruned model saved to {args.export}")
     return 0
-
-
-def _writable(folder: Path, flag: str) -> None:
-    """``folder`` (or its nearest existing parent) must be a writable directory."""
-    p = folder.resolve()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK):
-        raise ValueError(f"{flag}: cannot write under {folder} ({p} is not a writable folder)")
 
 
 def _print_eval(report: dict, metrics: list[str]) -> None:
