@@ -244,7 +244,10 @@ def select_directions(spec: str, configured: list[Direction], languages: list[st
             raise DataError(f"calibration {spec!r}: {e}") from None
         out = [d for d in configured if (d[1] if kind == "into" else d[0]) == code]
     else:
-        out = parse_directions(spec, languages, pivot)
+        try:
+            out = parse_directions(spec, languages, pivot)
+        except DataError as e:
+            raise DataError(f"calibration {spec!r}: {e}; or one of {', '.join(CALIBRATION_PRESETS)}") from None
         extra = [d for d in out if d not in configured]
         if extra:
             raise DataError(f"calibration {spec!r}: {extra[0][0]}-{extra[0][1]} is not among the configured "
