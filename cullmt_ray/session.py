@@ -23,7 +23,7 @@ from .atomic import write_json, write_text
 from .candidate import Candidate, Evaluation
 from .config import ConfigError, SearchRunConfig, from_dict
 from .data import DevSet, direction_name, load_devset, parse_directions
-from .evaluation import EvalSet, EvaluationService
+from .evaluation import EvalSet, EvaluationService, RunError
 from .store import ResultStore
 
 log = logging.getLogger("cullmt_ray")
@@ -300,8 +300,8 @@ class Session:
             write_json(self.run_dir / "run.json", self.status)
 
     def finish(self, **fields) -> None:
-        budget = {**self.service.budget.as_dict(), "evaluations_all_attempts": self.store.count(run=self.run_id)}
-        self.write_status(status="finished", finished=now(), budget=budget, **fields)
+        self.write_status(status="finished", finished=now(), budget=self.service.budget.as_dict(),
+                          evaluations_all_attempts=self.store.count(run=self.run_id), **fields)
 
 
 SEARCHING_VERBS = ("search", "compare", "calibration")
@@ -375,11 +375,17 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
         yield session
         if status["status"] == "running":
             session.finish()
-    except BaseException as e:
+    except BaseException as exc:
+        e = exc
+        if isinstance(e, RunError) and folder and "RUN_DIR" in str(e):  # name the folder to resume
+            how = f"cullmt-ray {verb} --resume {run_dir}" if verb in ("search", "compare") else f"rerun {verb}"
+            e = RunError(str(e).replace("cullmt-ray search --resume RUN_DIR", how))
         status.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                       error=(str(e).strip().splitlines() or [type(e).__name__])[0][:500], finished=now())
         if folder:
             write_json(run_dir / "run.json", status)
+        if e is not exc:
+            raise e from exc
         raise
     finally:
         try:

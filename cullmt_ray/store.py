@@ -224,7 +224,7 @@ class ResultStore:
     def _from_row(self, row, cached: bool) -> Evaluation:
         (ctx, key, units, _n, params, nbytes, score, metrics, sentences, seconds, strategy, run, actor,
          _created) = row
-        where = f"row (context {ctx}, candidate {key})"
+        where = f"row (context {ctx}, candidate {key}: {str(units)[:80]})"
         return Evaluation(Candidate.of(_json(units, self.path, where)), score, params, nbytes,
                           _json(metrics, self.path, where), sentences, seconds, strategy, run, actor, cached=cached)
 

@@ -202,13 +202,16 @@ class ModelFamily(ABC):
         removed = sort_units(self.check_units(removed))
         dtype = self.save_dtype()
         with self.apply(removed) as model:
-            cast: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
-            state = {k: cast.setdefault(id(v), v.to(dtype)) for k, v in model.state_dict().items()}
-            loaded, model.config.dtype = model.config.dtype, dtype
-            try:
-                model.save_pretrained(out, safe_serialization=True, state_dict=state)
-            finally:
-                model.config.dtype = loaded
+            cast: dict[tuple, torch.Tensor] = {}  # tied weights stay one tensor
+            state = {k: cast.setdefault((v.data_ptr(), v.shape), v.to(dtype)) for k, v in model.state_dict().items()}
+            model.save_pretrained(out, safe_serialization=True, state_dict=state)
+        import json
+
+        from ..atomic import write_json
+
+        conf = json.loads((out / "config.json").read_text())  # it names the loaded dtype, not the saved one
+        conf["dtype"] = str(dtype).removeprefix("torch.")
+        write_json(out / "config.json", conf)
         self.tokenizer.save_pretrained(out)
         self.write_card(out, removed, card)
         return out
