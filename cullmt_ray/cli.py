@@ -40,7 +40,8 @@ debug lines and Ray's own logs (hidden otherwise); errors are one line on stderr
 
 exit codes: 0 done; 2 bad input (config, flags, data, model, units: nothing is left half-written);
 1 a failure while running (an actor that keeps dying, a lost cluster; the run folder says
-"failed" and `search --resume RUN_DIR` finishes it).
+"failed" and `search --resume RUN_DIR` finishes it). `--resume` refuses a run whose config.yaml was
+edited since it started (--accept-config-changes goes on) or whose driver still runs.
 
 environment: CULLMT_NO_PROGRESS=1 hides progress bars; CULLMT_DEBUG=1 shows the traceback of an
 error; CULLMT_ALLOW_DOWNLOAD=1 lets sacrebleu download the flores200 SentencePiece model;
@@ -344,8 +345,12 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             raise ValueError(f"pareto {target}: no readable run.json; expected a run folder made by cullmt-ray") from None
         if "context" not in info or info.get("status") != "finished":
-            raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}); "
-                             f"finish it with cullmt-ray search --resume {target}")
+            from .session import _driver_alive
+
+            gone = info.get("status") == "running" and not _driver_alive(info)
+            raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}"
+                             f"{', left by a driver that is gone' if gone else ''}); "
+                             f"finish it with cullmt-ray {'compare' if info.get('verb') == 'compare' else 'search'} --resume {target}")
         trace = json.loads((target / "trace.json").read_text()) if (target / "trace.json").exists() else None
         with ResultStore(args.store or cfg.output.store, read_only=True) as store:
             files = list(export_context(store, info["context"], Path(args.out or target),

@@ -125,7 +125,7 @@ class EvaluationService:
                    disable=os.environ.get("CULLMT_NO_PROGRESS") == "1")
         first = True
         while waiting:
-            mine, taken = self._claim(waiting, es, strategy, out)
+            mine, taken = self.claim_or_read(waiting, es, strategy, out)
             for cand, res in self.pool.evaluate(((c, es.directions) for c in mine), es.limit, es.metric.name):
                 out[cand] = self.record(cand, res, es, strategy)
             bar.update(len(waiting) - len(taken))
@@ -142,7 +142,7 @@ class EvaluationService:
         self.budget.requested += sum(out[c].sentences for c in dict.fromkeys(candidates))
         return [out[c] for c in candidates]
 
-    def _claim(self, candidates: list[Candidate], es: EvalSet, strategy: str,
+    def claim_or_read(self, candidates: list[Candidate], es: EvalSet, strategy: str,
                out: dict[Candidate, Evaluation]) -> tuple[list[Candidate], list[Candidate]]:
         """Read what the store has into ``out``; claim the rest: (claimed by us, claimed by another run)."""
         mine, taken = [], []

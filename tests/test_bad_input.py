@@ -138,6 +138,12 @@ CASES = [
     ("pareto-broken-config", "pareto", None, ["{run_broken}"], 2, "not valid YAML"),
     ("pareto-unfinished", "pareto", None, ["{run_edited}"], 2, "the run has not finished"),
     ("heal-no-run", "heal", None, [], 2, "expected a search run folder"),
+    ("heal-not-a-run", "heal", None, ["/not-a-run"], 2, "/not-a-run"),
+    ("heal-config-missing", "heal", None, ["{run_edited}", "--config", "/no/heal.yaml"], 2, "/no/heal.yaml"),
+    ("heal-unknown-field", "heal", None, ["{run_edited}", "--set", "lora.rank=8"], 2, "lora.rank"),
+    ("evaluate-store-foreign", "evaluate", {"--store": "{store_foreign}"}, [], 2, "a SQLite database of something else"),
+    ("compare-resume-not-a-run", "compare", {}, ["--resume", "/not-a-run"], 2, "--resume /not-a-run: no config.yaml"),
+    ("calibrate-protect", "calibrate", {"--protect": "dec.7"}, [], 2, "'dec.7' is not a unit"),
     ("heal-resume-not-a-heal", "heal", None, ["--resume", "/not-a-heal"], 2, "--resume /not-a-heal: no config.yaml"),
 ]
 REAL_PROCESS = {"threshold-nan", "model-truncated-weights", "output-proc", "dev-not-utf8", "store-zero-bytes",
