@@ -160,7 +160,7 @@ class ResultStore:
                 return "stored"
             row = self.db.execute("SELECT owner, expires FROM claims WHERE context=? AND candidate=?",
                                   (context, candidate.key)).fetchone()
-            if row is not None and row[0] != owner and row[1] > now:
+            if row is not None and row[0] != owner and row[1] > now and not _dead_here(row[0]):
                 return "taken"
             self.db.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)", (context, candidate.key, owner, now + lease))
             return "mine"
@@ -227,6 +227,25 @@ class ResultStore:
         where = f"row (context {ctx}, candidate {key}: {str(units)[:80]})"
         return Evaluation(Candidate.of(_json(units, self.path, where)), score, params, nbytes,
                           _json(metrics, self.path, where), sentences, seconds, strategy, run, actor, cached=cached)
+
+
+def _dead_here(owner: str) -> bool:
+    """A claim's owner (``host:pid:...``) is a process of this host that is gone: its claim is void now,
+    not when its lease ends (a killed driver's own ``--resume`` need not wait for it)."""
+    import os
+    import socket
+
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _json(text: str, path: Path, where: str):

@@ -57,6 +57,21 @@ def test_a_live_owner_keeps_renewing_its_claims(tmp_path):
     assert b.claim(ctx, c, "B") == "mine"
 
 
+def test_a_claim_of_a_dead_process_on_this_host_is_void_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    s = ResultStore(tmp_path / "s.sqlite")
+    ctx = s.register_context({"m": 1})
+    c = Candidate.of(["enc.1"])
+    assert s.claim(ctx, c, f"{socket.gethostname()}:{dead}:run:x") == "mine"
+    assert s.claim(ctx, c, f"{socket.gethostname()}:{os.getpid()}:run:y") == "mine"  # its owner is gone
+    assert s.claim(ctx, c, f"other-host:{dead}:run:z") == "taken"  # elsewhere: only the lease tells
+
+
 def test_old_stores_get_the_claims_table(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:  # a store from before claims existed
