@@ -35,8 +35,16 @@ def _jaccard(a: list[str], b: list[str]) -> float:
 
 def run_calibration_study(cfg: SearchRunConfig, calibrations: list[str]) -> Path:
     """One search per calibration choice, each chosen set scored on every direction; the report folder."""
+    from .session import check_search
+
     metric = cfg.metric.primary
-    with open_session(cfg, "calibration") as session:
+
+    def check(units, full_dirs, ds) -> None:  # before the run folder exists
+        check_search(cfg, units)
+        for spec in calibrations:
+            select_directions(spec, full_dirs, ds.languages)
+
+    with open_session(cfg, "calibration", check=check) as session:
         run_dir = session.run_dir
         full_dirs = parse_directions(cfg.data.directions, session.devset.languages)
         chosen = {spec: select_directions(spec, full_dirs, session.devset.languages) for spec in calibrations}

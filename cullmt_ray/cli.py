@@ -41,7 +41,8 @@ debug lines and Ray's own logs (hidden otherwise); errors are one line on stderr
 
 exit codes: 0 done; 2 bad input (config, flags, data, model, units: nothing is left half-written);
 1 a failure while running (an actor that keeps dying, a lost cluster; the run folder says
-"failed" and `search --resume RUN_DIR` finishes it).
+"failed" and `search --resume RUN_DIR` finishes it). `--resume` refuses a run whose config.yaml was
+edited since it started (--accept-config-changes goes on) or whose driver still runs.
 
 environment: CULLMT_NO_PROGRESS=1 hides progress bars; CULLMT_DEBUG=1 shows the traceback of an
 error; CULLMT_ALLOW_DOWNLOAD=1 lets sacrebleu download the flores200 SentencePiece model;
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", help=f"search strategy: {names} (default greedy)")
     s.add_argument("--max-evaluations", type=int, help="budget: distinct candidates the strategy may ask for")
     s.add_argument("--resume", metavar="RUN_DIR", help="resume a killed run: evaluations already stored are reused")
+    s.add_argument("--accept-config-changes", action="store_true",
+                   help="with --resume: go on although the run folder's config.yaml was edited since the run "
+                        "started (its scores then go under a new store key); refused otherwise")
     c = sub.add_parser("compare", help="run several strategies on one pool and store with the same budget; report",
                        description="Run strategies with the same budget (greedy's, unless --budget) on one evaluator "
                                    "pool and store; write compare.{md,json}, fronts.png and progress.png.")
@@ -107,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategies", default="greedy,beam,evolutionary,tpe,nsga2,random",
                    help="comma-separated strategies (default: all but motpe); greedy runs first and sets the budget")
     c.add_argument("--budget", type=int, help="distinct candidates per strategy (default: what greedy used)")
+    c.add_argument("--resume", metavar="RUN_DIR", help="finish a killed comparison in its folder: stored evaluations "
+                                                       "are reused, and the report counts the work of every attempt")
+    c.add_argument("--accept-config-changes", action="store_true",
+                   help="with --resume: go on although the folder's config.yaml was edited since it started")
     k = sub.add_parser("calibrate", help="search once per calibration choice; score every result on all directions",
                        description="Run the strategy once per calibration choice (the directions candidates are "
                                    "scored on) and score each chosen prune set on all configured directions; write "
@@ -222,7 +230,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
         log.info("resuming %s", run_dir)
-        run_search(cfg, run_dir)
+        run_search(cfg, run_dir, accept_config_changes=args.accept_config_changes)
     else:
         run_search(load_config(args.config, _overrides(args)))
     return 0
@@ -232,6 +240,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
     from .config import load_config
 
+    if args.resume:
+        from .session import load_run_config
+
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        log.info("resuming %s", run_dir)
+        run_compare(cfg, None, None, run_dir, accept_config_changes=args.accept_config_changes)
+        return 0
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     bad = [n for n in names if n not in _strategy_names()]
     if bad or not names:
@@ -279,10 +295,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bad = [u for u in removed.units if u not in units]
     if bad:
         raise ValueError(f"--remove: {bad[0]!r} is not a unit of {cfg.model.name}; its units are {', '.join(units)}")
+    from .session import check_output_dir
+
     if args.json_out:
-        _writable(Path(args.json_out).parent, "--json")
+        if Path(args.json_out).is_dir():
+            raise ValueError(f"--json {args.json_out}: is a folder; expected a file name")
+        check_output_dir(Path(args.json_out).parent, "--json")
     if args.export:
-        _writable(Path(args.export).parent, "--export")
+        check_output_dir(args.export, "--export")
     with open_session(cfg, "evaluate", folder=False) as session:
         evals = session.evaluate([BASELINE] if not removed.removed else [BASELINE, removed], "evaluate")
         report = {"model": cfg.model.name, "dev": cfg.data.dev, "split": cfg.data.split,
@@ -299,15 +319,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             ray.get(session.pool.actors[0].export.remote(removed.units, str(Path(args.export).resolve()), card))
             print(f"pruned model saved to {args.export}")
     return 0
-
-
-def _writable(folder: Path, flag: str) -> None:
-    """``folder`` (or its nearest existing parent) must be a writable directory."""
-    p = folder.resolve()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK):
-        raise ValueError(f"{flag}: cannot write under {folder} ({p} is not a writable folder)")
 
 
 def _print_eval(report: dict, metrics: list[str]) -> None:
@@ -341,8 +352,12 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             raise ValueError(f"pareto {target}: no readable run.json; expected a run folder made by cullmt-ray") from None
         if "context" not in info or info.get("status") != "finished":
-            raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}); "
-                             f"finish it with cullmt-ray search --resume {target}")
+            from .session import _driver_alive
+
+            gone = info.get("status") == "running" and not _driver_alive(info)
+            raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}"
+                             f"{', left by a driver that is gone' if gone else ''}); "
+                             f"finish it with cullmt-ray {'compare' if info.get('verb') == 'compare' else 'search'} --resume {target}")
         trace = json.loads((target / "trace.json").read_text()) if (target / "trace.json").exists() else None
         with ResultStore(args.store or cfg.output.store, read_only=True) as store:
             files = list(export_context(store, info["context"], Path(args.out or target),

@@ -40,7 +40,8 @@ def _run_strategy(session: Session, name: str, baseline: Evaluation, budget: int
         results = session.evaluate_staged(batch, name)
         strategy.tell(results)
         seen.extend(results)
-    return {"strategy": strategy, "evaluations": seen, "computed": spent.evaluated - computed0,
+    return {"strategy": strategy, "evaluations": seen, "computed_this_attempt": spent.evaluated - computed0,
+            "computed": session.store.count(run=session.run_id, strategy=name),  # every attempt of this run
             "sentences": spent.requested - requested0, "seconds": time.time() - t0}
 
 
@@ -63,6 +64,7 @@ def summarize(name: str, run: dict, baseline: Evaluation, reference: dict | None
     evals: list[Evaluation] = run["evaluations"]
     trace = run["strategy"].trace()
     row = {"strategy": name, "evaluations": len(evals), "computed": run["computed"],
+           "computed_this_attempt": run["computed_this_attempt"],
            "sentences": run["sentences"],
            "full_evaluation_equivalents": round(run["sentences"] / max(baseline.sentences, 1), 2),
            "wall_seconds": round(run["seconds"], 2),
@@ -139,9 +141,41 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_compare(cfg: SearchRunConfig, strategies: list[str], budget: int | None = None) -> Path:
-    """Run ``strategies`` (greedy first when listed) on one pool and store; write the report folder."""
-    with open_session(cfg, "compare") as session:
+def _resumed_arguments(run_dir: Path) -> tuple[list[str], int | None]:
+    """The strategies and budget a compare run folder was started with (kept in its run.json)."""
+    import json
+
+    from .config import ConfigError
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        record = info["record"]
+        return list(record["strategies"]), record.get("budget")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"compare --resume {run_dir}: its run.json does not name the strategies compared; "
+                          "expected a folder made by cullmt-ray compare") from None
+
+
+def run_compare(cfg: SearchRunConfig, strategies: list[str] | None, budget: int | None = None,
+                run_dir: Path | None = None, accept_config_changes: bool = False) -> Path:
+    """Run ``strategies`` (greedy first when listed) on one pool and store; write the report folder.
+
+    With ``run_dir`` (a killed comparison's folder) the comparison is replayed there with the strategies
+    and budget it started with: stored evaluations are read back, and each strategy's ``computed``
+    counts the rows it computed in every attempt (``computed_this_attempt``: in this one)."""
+    from .session import check_search
+
+    if run_dir is not None:
+        strategies, budget = _resumed_arguments(run_dir)
+
+    def check(units, _dirs, _ds) -> None:  # every strategy's settings, before the folder exists
+        fixed = cfg.search.target_removed
+        check_search(cfg, units, [s for s in strategies if s != "greedy"], target_removed=fixed or 1)
+        if "greedy" in strategies:
+            check_search(cfg, units, ["greedy"])
+
+    with open_session(cfg, "compare", run_dir, check=check, accept_config_changes=accept_config_changes,
+                      record={"strategies": strategies, "budget": budget}) as session:
         run_dir = session.run_dir
         (baseline,) = session.evaluate([BASELINE], "baseline")
         log.info("compare %s: baseline %s %.2f", ", ".join(strategies), cfg.metric.primary, baseline.score)

@@ -25,8 +25,14 @@ def read_lines(path: str | Path) -> list[str]:
     """Lines of a plain or gzipped UTF-8 text file, stripped of their newline and outer spaces."""
     p = Path(path)
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n").strip() for line in f]
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            return [line.rstrip("\n").strip() for line in f]
+    except UnicodeDecodeError as e:
+        raise DataError(f"dev set file {p}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: "
+                        f"{e.reason}); expected UTF-8, one sentence per line") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"dev set file {p}: unreadable ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,10 @@ def select_directions(spec: str, configured: list[Direction], languages: list[st
             raise DataError(f"calibration {spec!r}: {e}") from None
         out = [d for d in configured if (d[1] if kind == "into" else d[0]) == code]
     else:
-        out = parse_directions(spec, languages, pivot)
+        try:
+            out = parse_directions(spec, languages, pivot)
+        except DataError as e:
+            raise DataError(f"calibration {spec!r}: {e}; or one of {', '.join(CALIBRATION_PRESETS)}") from None
         extra = [d for d in out if d not in configured]
         if extra:
             raise DataError(f"calibration {spec!r}: {extra[0][0]}-{extra[0][1]} is not among the configured "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 from . import monitoring
@@ -58,6 +59,22 @@ class EvaluationService:
     run_id: str
     budget: Budget = field(default_factory=Budget)
     _stages: dict[str, EvalSet] = field(default_factory=dict)
+    poll_seconds: float = 0.5  # how often to look for a candidate another run is computing
+    owner: str = ""  # this driver's name in the store's claims (host:pid:run)
+    _keeper: object = None  # the claim-renewing thread's stop event
+
+    def __post_init__(self) -> None:
+        import socket
+        import uuid
+
+        self.owner = self.owner or f"{socket.gethostname()}:{os.getpid()}:{self.run_id}:{uuid.uuid4().hex[:6]}"
+
+    def close(self) -> None:
+        """Give up every claim (the candidates this driver did not finish) and stop renewing them."""
+        if self._keeper is not None:
+            self._keeper.set()
+            self._keeper = None
+        self.store.release_all(self.owner)
 
     def evalset(self, directions: list[Direction], limit: int | None = None, metric: str | None = None) -> EvalSet:
         """The context of scoring ``directions`` (first ``limit`` sentences; ``metric`` kl: the proxy)."""
@@ -103,21 +120,47 @@ class EvaluationService:
         from tqdm import tqdm
 
         out: dict[Candidate, Evaluation] = {}
-        todo: list[Candidate] = []
-        for c in dict.fromkeys(candidates):
-            hit = self.lookup(c, es, strategy)
-            if hit is not None:
-                out[c] = hit
-            else:
-                todo.append(c)
-        bar = tqdm(total=len(todo), desc=f"{strategy}: evaluating", unit="cand", leave=False,
-                   disable=not todo or os.environ.get("CULLMT_NO_PROGRESS") == "1")
-        for cand, res in self.pool.evaluate(((c, es.directions) for c in todo), es.limit, es.metric.name):
-            out[cand] = self.record(cand, res, es, strategy)
-            bar.update(1)
+        waiting = list(dict.fromkeys(candidates))  # neither read nor claimed yet
+        bar = tqdm(total=len(waiting), desc=f"{strategy}: evaluating", unit="cand", leave=False,
+                   disable=os.environ.get("CULLMT_NO_PROGRESS") == "1")
+        first = True
+        while waiting:
+            mine, taken = self.claim_or_read(waiting, es, strategy, out)
+            for cand, res in self.pool.evaluate(((c, es.directions) for c in mine), es.limit, es.metric.name):
+                out[cand] = self.record(cand, res, es, strategy)
+            bar.update(len(waiting) - len(taken))
+            if taken and not mine:  # another run computes these: wait for its rows (or its claims to expire)
+                if first:
+                    import logging
+
+                    logging.getLogger("cullmt_ray").info("%s: %d candidate(s) are being computed by another run; "
+                                                         "waiting for its results", strategy, len(taken))
+                    first = False
+                time.sleep(self.poll_seconds)
+            waiting = taken
         bar.close()
         self.budget.requested += sum(out[c].sentences for c in dict.fromkeys(candidates))
         return [out[c] for c in candidates]
+
+    def claim_or_read(self, candidates: list[Candidate], es: EvalSet, strategy: str,
+               out: dict[Candidate, Evaluation]) -> tuple[list[Candidate], list[Candidate]]:
+        """Read what the store has into ``out``; claim the rest: (claimed by us, claimed by another run)."""
+        mine, taken = [], []
+        for c in candidates:
+            hit = self.lookup(c, es, strategy)
+            if hit is not None:
+                out[c] = hit
+                continue
+            state = self.store.claim(es.context, c, self.owner)
+            if state == "stored":  # stored between the lookup and the claim
+                out[c] = self.lookup(c, es, strategy)
+            elif state == "mine":
+                mine.append(c)
+            else:
+                taken.append(c)
+        if mine and self._keeper is None:
+            self._keeper = self.store.keep_claims(self.owner)
+        return mine, taken
 
     def evaluate_staged(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> list[Evaluation]:
         """Score a batch through the stages of ``search.fidelity`` (see :class:`FidelityConfig`): each

@@ -24,10 +24,10 @@ from .strategies import make_strategy
 log = logging.getLogger("cullmt_ray")
 
 
-def run_search(cfg: SearchRunConfig, run_dir: Path | None = None) -> Path:
+def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_changes: bool = False) -> Path:
     """Run (or resume, when ``run_dir`` has a config) the configured search; return the run folder."""
     t0 = time.time()
-    with open_session(cfg, "search", run_dir) as session:
+    with open_session(cfg, "search", run_dir, accept_config_changes=accept_config_changes) as session:
         (baseline,) = session.evaluate([BASELINE], "baseline")
         log.info("baseline %s = %.2f, %.2fM params", cfg.metric.primary, baseline.score, baseline.params / 1e6)
         strategy = make_strategy(cfg.search, session.units, baseline, batch=session.batch)

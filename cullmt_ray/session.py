@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +23,7 @@ from .atomic import write_json, write_text
 from .candidate import Candidate, Evaluation
 from .config import ConfigError, SearchRunConfig, from_dict
 from .data import DevSet, direction_name, load_devset, parse_directions
-from .evaluation import EvalSet, EvaluationService
+from .evaluation import EvalSet, EvaluationService, RunError
 from .store import ResultStore
 
 log = logging.getLogger("cullmt_ray")
@@ -91,8 +91,137 @@ def preflight(cfg: SearchRunConfig) -> None:
     except (OSError, ValueError) as e:
         raise FamilyError(f"model.name={cfg.model.name!r}: not a local model folder, and the hub could not "
                           f"provide it ({str(e).splitlines()[0][:120]})") from None
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
     if "spbleu" in cfg.metric.scored:
         resolve_spm(cfg.metric.spm_for(cfg.model.name))
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every ``*.safetensors`` in a local model folder has a readable header whose tensors fit in the file
+    (a truncated or garbage file is one line naming it, here, instead of an actor dying on it)."""
+    import json
+    import struct
+
+    from .families import FamilyError
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
+        raise FamilyError(f"model folder {folder}: no weight file (*.safetensors or *.bin)")
+    for f in files:
+        size = f.stat().st_size
+        why = ""
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 2 <= n <= min(size - 8, 100 * 2**20):
+                    why = f"its header length ({n}) does not fit the file ({size} bytes)"
+                else:
+                    header = json.loads(fh.read(n))
+                    if not isinstance(header, dict):
+                        raise ValueError("not a mapping")
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                    if 8 + n + end > size:
+                        why = f"truncated: its tensors need {8 + n + end} bytes, the file has {size}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+            why = f"unreadable header ({type(e).__name__})"
+        if why:
+            raise FamilyError(f"model weights {f}: not a valid safetensors file: {why}")
+
+
+def check_output_dir(folder: str | Path, where: str = "output.dir") -> None:
+    """``folder`` exists as a writable folder or can be created: tried (and undone) under its nearest
+    existing parent, so a file in the way, /proc or a read-only mount is one line, before anything is written."""
+    import tempfile
+
+    p = Path(folder).expanduser().absolute()
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{where}={str(folder)!r}: {parent} is a file, not a folder; expected a writable folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".cullmt-check-", dir=parent)
+    except OSError as e:
+        raise ConfigError(f"{where}={str(folder)!r}: cannot write under {parent} ({e.strerror or e}); "
+                          "expected a writable folder") from None
+    os.rmdir(probe)
+
+
+def check_search(cfg: SearchRunConfig, units: list[str], strategies: list[str] | None = None,
+                 target_removed: int | None = None) -> None:
+    """Protected units and each strategy's target range, against the model's units (a dummy baseline)."""
+    from .candidate import BASELINE
+    from .strategies import make_strategy
+
+    dummy = Evaluation(BASELINE, 0.0, 1, 1, {}, 0, 0.0)
+    for name in strategies or [cfg.search.strategy]:
+        make_strategy(cfg.search, units, dummy, name=name, target_removed=target_removed)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(before: dict, after: dict) -> list[str]:
+    a, b = _flatten(before), _flatten(after)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def _driver_alive(info: dict) -> bool:
+    """The driver that wrote ``run.json`` still runs on this host (a cullmt-ray process with its pid)."""
+    import socket
+
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or info.get("host", socket.gethostname()) != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return b"cullmt" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def check_resume(run_dir: Path, cfg: SearchRunConfig, accept_config_changes: bool = False) -> dict:
+    """The previous ``run.json`` of a run folder being resumed, after refusing a run whose driver still
+    runs or whose config.yaml was edited since it started (unless ``accept_config_changes``)."""
+    import json
+
+    f = run_dir / "run.json"
+    try:
+        info = json.loads(f.read_text()) if f.exists() else {}
+    except (OSError, ValueError):
+        raise ConfigError(f"--resume {run_dir}: run.json is not readable JSON; expected a run folder made by "
+                          "cullmt-ray") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"--resume {run_dir}: run.json is not a mapping; expected a run folder made by cullmt-ray")
+    if info.get("status") == "running":
+        if _driver_alive(info):
+            raise ConfigError(f"--resume {run_dir}: the run is still running (driver pid {info['pid']}); wait for "
+                              "it to end or stop it first")
+        log.warning("%s was left 'running' by a driver that is gone (pid %s); resuming it", run_dir, info.get("pid"))
+    snapshot = info.get("config_snapshot")
+    if isinstance(snapshot, dict):
+        diff = changed_keys(snapshot, json.loads(json.dumps(cfg.to_dict(), default=str)))
+        if diff and not accept_config_changes:
+            raise ConfigError(f"--resume {run_dir}: config.yaml was edited since the run started ({', '.join(diff[:6])}"
+                              f"{', ...' if len(diff) > 6 else ''}); restore it, start a new run, or pass "
+                              "--accept-config-changes")
+        if diff:
+            log.warning("%s: resuming with an edited config (%s)", run_dir, ", ".join(diff))
+    return info
 
 
 def load_devset_of(cfg: SearchRunConfig) -> DevSet:
@@ -171,31 +300,60 @@ class Session:
             write_json(self.run_dir / "run.json", self.status)
 
     def finish(self, **fields) -> None:
-        self.write_status(status="finished", finished=now(), budget=self.service.budget.as_dict(), **fields)
+        self.write_status(status="finished", finished=now(), budget=self.service.budget.as_dict(),
+                          evaluations_all_attempts=self.store.count(run=self.run_id), **fields)
+
+
+SEARCHING_VERBS = ("search", "compare", "calibration")
 
 
 @contextmanager
 def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | None = None, folder: bool = True,
-                 run_id: str | None = None) -> Iterator[Session]:
-    """Check inputs, then (with ``folder``) create or reopen the run folder, start the pool; see the module doc."""
+                 run_id: str | None = None, check: Callable[[list[str], list, DevSet], None] | None = None,
+                 accept_config_changes: bool = False, record: dict | None = None) -> Iterator[Session]:
+    """Check inputs, then (with ``folder``) create or reopen the run folder, start the pool; see the module doc.
+
+    Everything that can be checked on the driver is, before the folder exists: dev set, directions,
+    model config and weight headers, SentencePiece model, units and the strategy's settings (and
+    ``check(units, directions, devset)``, a verb's own), the output folder, the store. ``record``:
+    fields kept in ``run.json`` (e.g. a verb's arguments, so that ``--resume`` can replay it)."""
+    import socket
+
     from .evaluator import EvaluatorPool, EvalSettings
+    from .families import model_units
 
     ds = load_devset_of(cfg)
     preflight(cfg)
     all_dirs = parse_directions(cfg.data.directions, ds.languages)
     calib_dirs = parse_directions(cfg.data.calibration, ds.languages) if cfg.data.calibration else all_dirs
     held_dirs = [d for d in all_dirs if d not in calib_dirs] if cfg.data.heldout else []
-    store = ResultStore(cfg.output.store)
+    if verb in SEARCHING_VERBS or check is not None:
+        _, units = model_units(cfg.model)
+        if verb in SEARCHING_VERBS and check is None:
+            check_search(cfg, units)
+        if check is not None:
+            check(units, all_dirs, ds)
     resuming = run_dir is not None and (run_dir / "config.yaml").exists()
-    if folder:
-        run_dir = run_dir or new_folder(cfg.output.dir, cfg.name if verb == "search" else f"{cfg.name}-{verb}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    previous = check_resume(run_dir, cfg, accept_config_changes) if resuming else {}
+    if folder and not resuming:
+        check_output_dir(cfg.output.dir)
+    store = ResultStore(cfg.output.store)
+    try:
+        if folder:
+            run_dir = run_dir or new_folder(cfg.output.dir, cfg.name if verb == "search" else f"{cfg.name}-{verb}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resuming:
+                write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except BaseException:
+        store.close()
+        raise
     run_id = run_id or (run_dir.name if run_dir is not None else f"{verb}-{os.getpid()}")
     status = {"run": run_id, "verb": verb, "status": "running", "resumed": resuming, "config": "config.yaml",
-              "started": now(), "pid": os.getpid()}
-    session, pool = None, None
+              "started": now(), "pid": os.getpid(), "host": socket.gethostname(),
+              "attempt": int(previous.get("attempt", 1)) + 1 if resuming else 1, "config_snapshot": cfg.to_dict()}
+    if record or previous.get("record"):
+        status["record"] = record or previous["record"]
+    session, pool, service = None, None, None
     try:
         if folder:
             write_json(run_dir / "run.json", status)
@@ -217,13 +375,23 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
         yield session
         if status["status"] == "running":
             session.finish()
-    except BaseException as e:
+    except BaseException as exc:
+        e = exc
+        if isinstance(e, RunError) and folder and "RUN_DIR" in str(e):  # name the folder to resume
+            how = f"cullmt-ray {verb} --resume {run_dir}" if verb in ("search", "compare") else f"rerun {verb}"
+            e = RunError(str(e).replace("cullmt-ray search --resume RUN_DIR", how))
         status.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                       error=(str(e).strip().splitlines() or [type(e).__name__])[0][:500], finished=now())
         if folder:
             write_json(run_dir / "run.json", status)
+        if e is not exc:
+            raise e from exc
         raise
     finally:
-        if pool is not None:
-            pool.shutdown()
-        store.close()
+        try:
+            if service is not None:
+                service.close()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            store.close()

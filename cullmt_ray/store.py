@@ -4,6 +4,10 @@ The *context* is everything that makes two evaluations comparable: model, dev se
 directions, metric signatures, decoding settings and dtype. Within a context, a candidate is
 evaluated once, ever: across strategies, runs and crashes. Each row is committed as soon as
 its evaluation finishes, so a killed search loses at most the evaluations in flight.
+
+Concurrent runs on one store never compute the same candidate: a driver *claims* each candidate
+it computes (owner + lease in the ``claims`` table), others wait for that row instead of
+recomputing it, and a dead owner's claim expires when its lease is not renewed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +45,15 @@ CREATE TABLE IF NOT EXISTS evaluations (
     created REAL NOT NULL,
     PRIMARY KEY (context, candidate)
 );
+CREATE TABLE IF NOT EXISTS claims (   -- candidates being computed now, by whom, until when
+    context TEXT NOT NULL,
+    candidate TEXT NOT NULL,
+    owner TEXT NOT NULL,          -- host:pid:run of the driver computing it
+    expires REAL NOT NULL,        -- unix time; the owner renews it while alive
+    PRIMARY KEY (context, candidate)
+);
 """
+CLAIM_LEASE = 60.0  # seconds a claim lives unless its owner renews it (every lease/4 while alive)
 
 
 def _check_file(path: Path) -> None:
@@ -133,6 +146,60 @@ class ResultStore:
             (context, r["candidate"], json.dumps(r["units"]), r["n_removed"], r["params"], r["bytes"],
              r["score"], json.dumps(r["metrics"]), r["sentences"], r["seconds"], r["strategy"], r["run"],
              r["actor"], time.time()))
+        self.db.execute("DELETE FROM claims WHERE context=? AND candidate=?", (context, r["candidate"]))
+
+    # ------------------------------------------------------------------ claims (concurrent runs)
+    def claim(self, context: str, candidate: Candidate, owner: str, lease: float = CLAIM_LEASE) -> str:
+        """Try to take ``candidate`` for computing: ``'stored'`` (its row exists), ``'mine'`` (claimed now,
+        or already ours) or ``'taken'`` (another owner's claim that has not expired)."""
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.execute("SELECT 1 FROM evaluations WHERE context=? AND candidate=?",
+                               (context, candidate.key)).fetchone():
+                return "stored"
+            row = self.db.execute("SELECT owner, expires FROM claims WHERE context=? AND candidate=?",
+                                  (context, candidate.key)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now and not _dead_here(row[0]):
+                return "taken"
+            self.db.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)", (context, candidate.key, owner, now + lease))
+            return "mine"
+        finally:
+            self.db.execute("COMMIT")
+
+    def release(self, context: str, candidate: Candidate, owner: str) -> None:
+        self.db.execute("DELETE FROM claims WHERE context=? AND candidate=? AND owner=?", (context, candidate.key, owner))
+
+    def release_all(self, owner: str) -> None:
+        self.db.execute("DELETE FROM claims WHERE owner=?", (owner,))
+
+    def renew(self, owner: str, lease: float = CLAIM_LEASE) -> None:
+        self.db.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease, owner))
+
+    def claims(self, context: str | None = None) -> list[tuple[str, str, str, float]]:
+        sql, args = "SELECT context, candidate, owner, expires FROM claims", ()
+        if context:
+            sql, args = sql + " WHERE context=?", (context,)
+        return list(self.db.execute(sql, args))
+
+    def keep_claims(self, owner: str, lease: float = CLAIM_LEASE) -> threading.Event:
+        """Renew ``owner``'s claims every ``lease``/4 s from a daemon thread (its own connection) until
+        the returned event is set; when the process dies the renewals stop and the claims expire."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                while not stop.wait(lease / 4):
+                    try:
+                        db.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease, owner))
+                    except sqlite3.Error:
+                        pass  # busy for longer than the timeout: the next round renews
+            finally:
+                db.close()
+
+        threading.Thread(target=renew, name="cullmt-claims", daemon=True).start()
+        return stop
 
     def evaluations(self, context: str | None = None, run: str | None = None) -> Iterator[Evaluation]:
         sql, args = "SELECT * FROM evaluations WHERE 1=1", []
@@ -143,17 +210,42 @@ class ResultStore:
         for row in self.db.execute(sql + " ORDER BY created", args):
             yield self._from_row(row, cached=True)
 
-    def count(self, context: str | None = None) -> int:
+    def count(self, context: str | None = None, run: str | None = None, strategy: str | None = None) -> int:
+        """Rows (of a context, computed by a run, by a strategy: ``name`` and its stages ``name:...``)."""
+        sql, args = "SELECT COUNT(*) FROM evaluations WHERE 1=1", []
         if context:
-            return self.db.execute("SELECT COUNT(*) FROM evaluations WHERE context=?", (context,)).fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+            sql, args = sql + " AND context=?", args + [context]
+        if run:
+            sql, args = sql + " AND run=?", args + [run]
+        if strategy:
+            sql, args = sql + " AND (strategy=? OR strategy LIKE ?)", args + [strategy, strategy + ":%"]
+        return self.db.execute(sql, args).fetchone()[0]
 
     def _from_row(self, row, cached: bool) -> Evaluation:
         (ctx, key, units, _n, params, nbytes, score, metrics, sentences, seconds, strategy, run, actor,
          _created) = row
-        where = f"row (context {ctx}, candidate {key})"
+        where = f"row (context {ctx}, candidate {key}: {str(units)[:80]})"
         return Evaluation(Candidate.of(_json(units, self.path, where)), score, params, nbytes,
                           _json(metrics, self.path, where), sentences, seconds, strategy, run, actor, cached=cached)
+
+
+def _dead_here(owner: str) -> bool:
+    """A claim's owner (``host:pid:...``) is a process of this host that is gone: its claim is void now,
+    not when its lease ends (a killed driver's own ``--resume`` need not wait for it)."""
+    import os
+    import socket
+
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _json(text: str, path: Path, where: str):

@@ -13,6 +13,7 @@ already knows never become trials; every new result goes to the store as it comp
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import ray
@@ -45,6 +46,7 @@ class StrategySearcher(Searcher):
         self.batch: list[Candidate] = []
         self.queue: list[Candidate] = []
         self.running: dict[str, Candidate] = {}
+        self.waiting: list[Candidate] = []  # neither stored nor claimed by us yet (another run may compute them)
         self.results: dict[Candidate, Evaluation] = {}
         self.finished = False
         self.error = ""
@@ -52,18 +54,20 @@ class StrategySearcher(Searcher):
     def _next_batch(self) -> None:
         """Tell the finished batch, ask the next; store hits are resolved without trials."""
         while not self.queue and not self.running and not self.finished:
+            if self.waiting:  # read what another run stored, claim what it left; trials for ours only
+                mine, self.waiting = self.service.claim_or_read(self.waiting, self.es, self.strategy.name,
+                                                                self.results)
+                self.queue += mine
+                if self.waiting and not mine:
+                    time.sleep(self.service.poll_seconds)
+                return
             if self.batch:
                 self.strategy.tell([self.results[c] for c in self.batch])
             self.batch = self.strategy.ask()
             if not self.batch:
                 self.finished = True
                 return
-            for c in self.batch:
-                hit = self.service.lookup(c, self.es, self.strategy.name)
-                if hit is not None:
-                    self.results[c] = hit
-                else:
-                    self.queue.append(c)
+            self.waiting = list(dict.fromkeys(self.batch))
 
     def __getstate__(self) -> dict:
         # Tune pickles its searcher into the experiment folder; the service (store, pool) and the

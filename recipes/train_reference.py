@@ -233,10 +233,10 @@ def main() -> None:
              "tokens": 0}
     last = ckpt_dir / "last.pt"
     if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = torch.load(last, map_location="cpu", weights_only=True)  # tensors and plain types only: no code runs
         model.load_state_dict(ck["model"])
         optim.load_state_dict(ck["optim"])
-        state = ck["state"]
+        state = json.loads(ck["state"])
         print(f"resumed from {last} at step {state['step']}", flush=True)
     elif cfg.get("init_from"):  # upcycle, and validate the starting point
         init_from_dense(model, cfg)
@@ -306,7 +306,7 @@ def main() -> None:
                 state["seconds"] += time.time() - t0
                 t0 = time.time()
                 tmp = last.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "state": state}, tmp)
+                torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "state": json.dumps(state)}, tmp)
                 os.replace(tmp, last)
             if done:
                 break

@@ -89,8 +89,10 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, tiny_encdec):
 
     out = run(["search", "--resume", str(run_dir)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "left 'running' by a driver that is gone" in out.stdout  # the stale status is named
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["status"] == "finished" and info["resumed"] is True
+    assert info["status"] == "finished" and info["resumed"] is True and info["attempt"] == 2
+    assert info["evaluations_all_attempts"] == _count(store)  # both attempts, one run id
     # everything stored before the kill was read back; only the rest was computed
     assert info["budget"]["cached"] == before and info["budget"]["evaluations"] >= 1
     assert _count(store) == before + info["budget"]["evaluations"]

@@ -20,7 +20,8 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 REFERENCE_MODELS = ("dense", "moe", "llama")
 
-__all__ = ["FAMILIES", "FamilyError", "ModelFamily", "Size", "family_class", "load_family", "model_units", "model_fingerprint", "resolve_model_path"]
+__all__ = ["FAMILIES", "FamilyError", "ModelFamily", "Size", "family_class", "load_family", "model_units", "model_fingerprint",
+           "resolve_model_path", "stored_dtype"]
 
 
 def resolve_model_path(name: str) -> str:
@@ -57,6 +58,22 @@ def model_fingerprint(name: str) -> str:
         with open(f, "rb") as fh:
             h.update(fh.read(2**20))
     return f"{name}#{h.hexdigest()[:12]}"
+
+
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def stored_dtype(model_name: str) -> str:
+    """The dtype the base model's weights are stored in (its config's ``dtype``), float32 if unknown."""
+    import json
+
+    path = Path(resolve_model_path(model_name))
+    try:
+        conf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    d = str(conf.get("dtype") or conf.get("torch_dtype") or "float32")
+    return d if d in SAVE_DTYPES else "float32"
 
 
 def _device_and_dtype(spec: ModelConfig) -> tuple[str, torch.dtype]:

@@ -201,17 +201,37 @@ class ModelFamily(ABC):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         removed = sort_units(self.check_units(removed))
+        dtype = self.save_dtype()
         with self.apply(removed) as model:
-            model.save_pretrained(out, safe_serialization=True)
+            cast: dict[tuple, torch.Tensor] = {}  # tied weights stay one tensor
+            state = {k: cast.setdefault((v.data_ptr(), v.shape), v.to(dtype)) for k, v in model.state_dict().items()}
+            model.save_pretrained(out, safe_serialization=True, state_dict=state)
+        import json
+
+        from ..atomic import write_json
+
+        conf = json.loads((out / "config.json").read_text())  # it names the loaded dtype, not the saved one
+        conf["dtype"] = str(dtype).removeprefix("torch.")
+        write_json(out / "config.json", conf)
         self.tokenizer.save_pretrained(out)
         self.write_card(out, removed, card)
         return out
+
+    def save_dtype(self) -> torch.dtype:
+        """The dtype an export is saved at: the one the base model is stored in (not the loaded fp32 on CPU)."""
+        from . import SAVE_DTYPES, stored_dtype
+
+        return SAVE_DTYPES[stored_dtype(self.model_id)]
 
     def write_card(self, out: Path, removed: list[str], facts: dict | None) -> None:
         """The pruned model's card (README.md) and facts (cullmt_ray.json)."""
         from ..card import pruned_card, write_card
 
+        dtype = self.save_dtype()
+        size = self.size(removed).__dict__.copy()
+        size["bytes"] = size["params"] * dtype.itemsize
         info = {"base_model": self.model_id, "family": self.name, "causal": self.causal, "removed_units": removed,
-                "size": self.size(removed).__dict__, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "size": size, "dtype": str(dtype).removeprefix("torch."),
+                "tokenizer_src_lang": getattr(self.tokenizer, "src_lang", None),
                 "model_dir": str(out), **(facts or {})}
         write_card(out, info, pruned_card(info))

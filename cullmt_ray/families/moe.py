@@ -188,12 +188,13 @@ class NllbMoeFamily(EncoderDecoderFamily):
         config.num_experts = width
         if missing:
             config.cullmt_missing_experts = missing
+        config.dtype = self.save_dtype()
         config.save_pretrained(out)
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(out)
         tied = {k for k in state if k.endswith(("lm_head.weight", "embed_tokens.weight"))}
         shared = next((k for k in ("model.shared.weight",) if k in state), None)
-        save_file({k: v.contiguous() for k, v in state.items() if not (shared and k in tied)},
+        save_file({k: v.to(config.dtype).contiguous() for k, v in state.items() if not (shared and k in tied)},
                   str(out / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(out)
         self.write_card(out, sort_units(self.check_units(removed)), {

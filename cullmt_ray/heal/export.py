@@ -19,20 +19,9 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..families import ModelFamily, load_family, resolve_model_path
+from ..families import ModelFamily, load_family, stored_dtype  # noqa: F401 - stored_dtype: used by pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def stored_dtype(model_name: str) -> str:
-    """The dtype the base model's weights are stored in (its config's ``dtype``), float32 if unknown."""
-    path = Path(resolve_model_path(model_name))
-    try:
-        conf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return "float32"
-    d = str(conf.get("dtype") or conf.get("torch_dtype") or "float32")
-    return d if d in DTYPES else "float32"
 
 
 @contextmanager

@@ -239,7 +239,7 @@ def train_loop(config: dict) -> None:
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
-                optim.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=False))
+                optim.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True))
                 state = json.loads((Path(d) / "state.json").read_text())
             state["restarts"] += 1
             state["resumed_from"].append(state["step"])
