@@ -131,6 +131,11 @@ class Scorer:
     def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
         return {m: round(self._metric(m).corpus_score(hyps, [refs]).score, 4) for m in self.metrics}
 
+    def sentence_stats(self, hyps: list[str], refs: list[str], metric: str) -> list[list[int]]:
+        """Per-sentence sufficient statistics of ``metric`` (sacrebleu's); summed, they give the corpus
+        score. Racing (:mod:`cullmt_ray.racing`) bootstraps over them."""
+        return [[int(x) for x in row] for row in self._metric(metric)._extract_corpus_statistics(hyps, [refs])]
+
 
 def sacrebleu_version() -> str:
     return sacrebleu.__version__

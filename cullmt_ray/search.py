@@ -37,8 +37,9 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None) -> Path:
 
             run_with_tune(strategy, session, cfg.resources.trial_cpus, session.run_dir / "tune")
         else:
+            race = {"floor": baseline.score - cfg.search.threshold, "keep": getattr(strategy, "width", 1)}
             while batch := strategy.ask():
-                strategy.tell(session.evaluate_staged(batch, strategy.name))
+                strategy.tell(session.service.evaluate_staged(batch, strategy.name, session.calibration, **race))
                 write_json(session.run_dir / "trace.json", strategy.trace())
         trace = strategy.trace()
         write_json(session.run_dir / "trace.json", trace)
@@ -50,7 +51,8 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None) -> Path:
         session.finish(wall_seconds=round(time.time() - t0, 2),
                        baseline={"score": baseline.score, "params": baseline.params, "bytes": baseline.bytes},
                        final={"removed": trace.get("final", []), "stop_reason": trace.get("stop_reason", "")},
-                       files={k: str(v.relative_to(session.run_dir)) for k, v in files.items()})
+                       files={k: str(v.relative_to(session.run_dir)) for k, v in files.items()},
+                       **({"racing": session.service.race_log} if cfg.search.racing else {}))
         b = session.service.budget
         log.info("finished: removed %s (%s); %d evaluations computed, %d read from the store",
                  trace.get("final", []), trace.get("stop_reason", ""), b.evaluated, b.cached)
