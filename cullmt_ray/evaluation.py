@@ -79,7 +79,7 @@ class EvaluationService:
             desc["first_sentences"] = limit
         if metric is not None and metric != self.cfg.metric.primary:
             es.metric = METRICS[metric]
-            desc.update(proxy=metric, metric=metric)
+            desc.update(proxy=metric, metric=metric, proxy_signature=es.metric.fixed_signature)
         es.context = self.store.register_context(desc)
         return es
 

@@ -27,6 +27,9 @@ from .families import load_family
 from .metrics import METRICS, Scorer
 
 
+KL_CACHE_MIB = 512  # the full model's KL targets kept per actor (least recently used dropped beyond)
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How candidates are scored; everything here is part of the store's context."""
@@ -102,19 +105,28 @@ class EvaluatorActor:
 
         The result has :meth:`evaluate`'s shape: ``metrics["kl"]`` per direction and mean, score
         ``-mean`` (the ranked score, :meth:`Metric.ranked`), ``sentences`` 0 generated (``teacher_forced`` says how many
-        were scored). The full model's distributions are recomputed, not cached: with a large
-        vocabulary they would not fit.
+        were scored). The full model's side (its top-k log-probs per target token, :func:`full_targets`)
+        and the tokenized batches are computed once per direction and cached (bounded), so each candidate
+        costs one pruned pass.
         """
-        from .proxies import kl_to_full
+        from .families.base import TensorCache
+        from .proxies import full_targets, kl_cached
 
         t0 = time.perf_counter()
         n = len(self.devset) if limit is None else min(limit, len(self.devset))
+        if not hasattr(self, "_kl_targets"):
+            self._kl_batches: dict = {}
+            self._kl_targets = TensorCache(KL_CACHE_MIB)
         per_direction = {}
         for src, tgt in directions:
-            s, t = list(self.devset.lines[src][:n]), list(self.devset.lines[tgt][:n])
-            batches = [self.family.teacher_forced(s[i : i + batch_size], t[i : i + batch_size], src, tgt)
-                       for i in range(0, n, batch_size)]
-            per_direction[direction_name((src, tgt))] = kl_to_full(self.family, batches, removed)  # unrounded: tiny KLs still rank
+            key = (src, tgt, n, batch_size)
+            if key not in self._kl_batches:
+                s, t = list(self.devset.lines[src][:n]), list(self.devset.lines[tgt][:n])
+                self._kl_batches[key] = [self.family.teacher_forced(s[i : i + batch_size], t[i : i + batch_size], src, tgt)
+                                         for i in range(0, n, batch_size)]
+            batches = self._kl_batches[key]
+            targets = [self._kl_targets.get((key, i), lambda b=b: full_targets(self.family, b)) for i, b in enumerate(batches)]
+            per_direction[direction_name((src, tgt))] = kl_cached(self.family, batches, targets, removed)  # unrounded: tiny KLs still rank
         mean = sum(per_direction.values()) / len(per_direction)
         size = self.family.size(removed)
         return {"score": METRICS["kl"].ranked(mean), "metrics": {"kl": {**per_direction, "mean": mean}}, "params": size.params,

@@ -45,7 +45,7 @@ class Metric:
 
 
 KL = Metric("kl", higher_is_better=False, decoded=False, digits=None,
-            fixed_signature="kl:full||pruned|teacher-forced|reference-targets|unit:nats/token")
+            fixed_signature="kl:full||pruned|teacher-forced|reference-targets|full:exact<=32768+top256-tail|unit:nats/token")
 METRICS: dict[str, Metric] = {m.name: m for m in (Metric("spbleu"), Metric("chrf++"), Metric("bleu"), KL)}
 DECODED = tuple(n for n, m in METRICS.items() if m.decoded)
 
