@@ -83,7 +83,7 @@ class TensorCache:
 
     def clear(self) -> None:
         self.items.clear()
-        self.nbytes = 0
+        self.nbytes = self.hits = self.misses = 0
 
 
 Example = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss)
