@@ -63,6 +63,8 @@ class Evaluation:
     run: str | None = None
     actor: str | None = None
     cached: bool = field(default=False, compare=False)  # read from the store, not computed now
+    # scored on part of the dev set only (left a race early, search.racing): ranks below every full score
+    partial: bool = field(default=False, compare=False)
 
     def as_row(self) -> dict:
         return {"candidate": self.candidate.key, "units": self.candidate.units, "n_removed": len(self.candidate),

@@ -154,6 +154,12 @@ class SearchConfig:
     options: dict = field(default_factory=dict)  # per strategy, e.g. {beam: {width: 3}}
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     driver: str = "local"  # local (the driver loop) | tune (each candidate a Ray Tune trial)
+    # Racing (greedy and beam, local driver): each step's candidates are decoded chunk by chunk
+    # (racing_chunk sentences per direction); one leaves as soon as a paired bootstrap says with
+    # racing_confidence that it is below the step's leader (beam: width-th best) or the threshold.
+    racing: bool = False
+    racing_chunk: int = 20
+    racing_confidence: float = 0.99
 
     def check(self) -> None:
         from .strategies import STRATEGIES
@@ -161,6 +167,12 @@ class SearchConfig:
 
         _one_of("search.strategy", self.strategy, STRATEGIES)
         _one_of("search.driver", self.driver, ("local", "tune"))
+        _positive("search.racing_chunk", self.racing_chunk)
+        if not 0.5 <= self.racing_confidence < 1:
+            raise ConfigError(f"search.racing_confidence={self.racing_confidence}: expected a probability in [0.5, 1)")
+        if self.racing and (self.strategy not in ("greedy", "beam") or self.driver != "local" or self.fidelity.staged):
+            raise ConfigError(f"search.racing=true: races the steps of strategy greedy or beam with search.driver=local "
+                              f"and no search.fidelity stages (got strategy {self.strategy!r}, driver {self.driver!r})")
         if self.fidelity.staged and self.driver == "tune":
             raise ConfigError("search.fidelity: staged scoring runs with search.driver=local only")
         _positive("search.max_evaluations", self.max_evaluations, none=True)

@@ -62,6 +62,8 @@ class EvaluationService:
     poll_seconds: float = 0.5  # how often to look for a candidate another run is computing
     owner: str = ""  # this driver's name in the store's claims (host:pid:run)
     _keeper: object = None  # the claim-renewing thread's stop event
+    race_log: list[dict] = field(default_factory=list)  # one entry per raced step (search.racing)
+    _scorer: object = None  # the driver's Scorer for race survivors (built on first use)
 
     def __post_init__(self) -> None:
         import socket
@@ -84,6 +86,8 @@ class EvaluationService:
         desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": self.cfg.model.dtype,
                 "eval": describe(self.devset, directions), "metric": self.cfg.metric.primary,
                 "signatures": info["signatures"], "decoding": self.cfg.decoding.__dict__.copy()}
+        if self.cfg.search.racing:  # racing decodes in blocks (EvalSettings.block): a context of its own
+            desc["decoding"]["block"] = self.cfg.search.racing_chunk
         if info.get("dispatch"):
             desc["moe_dispatch"] = info["dispatch"]
         es = EvalSet(list(directions), desc, METRICS[self.cfg.metric.primary])
@@ -92,7 +96,7 @@ class EvaluationService:
             desc["first_sentences"] = limit
         if metric is not None and metric != self.cfg.metric.primary:
             es.metric = METRICS[metric]
-            desc.update(proxy=metric, metric=metric)
+            desc.update(proxy=metric, metric=metric, proxy_signature=es.metric.fixed_signature)
         es.context = self.store.register_context(desc)
         return es
 
@@ -162,11 +166,15 @@ class EvaluationService:
             self._keeper = self.store.keep_claims(self.owner)
         return mine, taken
 
-    def evaluate_staged(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> list[Evaluation]:
+    def evaluate_staged(self, candidates: list[Candidate], strategy: str, es: EvalSet, *,
+                        floor: float | None = None, keep: int = 1) -> list[Evaluation]:
         """Score a batch through the stages of ``search.fidelity`` (see :class:`FidelityConfig`): each
         stage scores what the previous one kept and passes on its best ``keep`` fraction; a candidate
         dropped at a stage keeps that stage's evaluation. A proxy's ranked score (negated KL) is below
-        any BLEU, so a dropped candidate ranks under the decoded ones. No stage on: :meth:`evaluate`."""
+        any BLEU, so a dropped candidate ranks under the decoded ones. No stage on: :meth:`evaluate`.
+        With ``search.racing`` the batch is raced instead (:meth:`evaluate_raced`, ``floor`` and ``keep``)."""
+        if self.cfg.search.racing:
+            return self.evaluate_raced(candidates, strategy, es, floor=floor, keep=keep)
         fid = self.cfg.search.fidelity
         stages = []
         if fid.proxy:
@@ -187,3 +195,112 @@ class EvaluationService:
             todo = [e.candidate for e in sorted(scored, key=lambda e: (-e.score, e.params))[:keep]]
         result.update(zip(todo, self.evaluate(todo, strategy, es)))
         return [result[c] for c in candidates]
+
+    def evaluate_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet, *,
+                       floor: float | None = None, keep: int = 1) -> list[Evaluation]:
+        """Race one step's candidates (:mod:`cullmt_ray.racing`): decode them chunk by chunk, let a
+        paired bootstrap drop those clearly below the ``keep``-th best or below ``floor`` (the
+        acceptance line), score the survivors on the whole set through :meth:`evaluate` (the full
+        context, as without racing). A dropped candidate is stored in the race's own context with its
+        score on the sentences it saw and comes back ``partial`` (it ranks below every full score)."""
+        import dataclasses
+        import time
+
+        import numpy as np
+
+        from .racing import corpus_score, race_round
+
+        sc = self.cfg.search
+        race = self._race_context(es)
+        todo = list(dict.fromkeys(candidates))
+        full_hit = {c: self.store.get(es.context, c) for c in todo}
+        race_hit = {c: self.store.get(race.context, c) for c in todo}
+        if len(todo) <= keep or all(full_hit[c] or race_hit[c] for c in todo):  # nothing to race, or a resumed step
+            full = [c for c in todo if full_hit[c] or not race_hit[c]]
+            done = dict(zip(full, self.evaluate(full, strategy, es)))
+            return [done.get(c) or dataclasses.replace(race_hit[c], partial=True) for c in candidates]
+        n = es.limit or len(self.devset)
+        names = [tuple(d) for d in es.directions]
+        sacre = None
+        if es.metric.name not in ("spbleu", "bleu"):
+            from sacrebleu.metrics import CHRF
+
+            sacre = CHRF(word_order=2)
+        stats = {c: {d: [] for d in names} for c in todo}
+        hyps = {c: {d: [] for d in names} for c in todo}
+        cost = {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in todo}
+        alive, left, seen, rnd = list(todo), {}, 0, 0
+        t0 = time.perf_counter()
+        while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
+            stop = min(n, seen + sc.racing_chunk)
+            jobs = [((c, d), c.units, d, seen, stop) for c in alive for d in names]
+            for (c, d), part in self.pool.sentence_stats(jobs):
+                stats[c][d].extend(part["stats"])
+                hyps[c][d].extend(part["hyps"])
+                k = cost[c]
+                k["sentences"] += part["sentences"]
+                k["seconds"] += part["seconds"]
+                k["actors"].add(part["actor"])
+                k["params"], k["bytes"] = part["params"], part["bytes"]
+            seen, rnd = stop, rnd + 1
+            if len(alive) > keep and seen < n:
+                res = race_round({c: {d: np.asarray(stats[c][d]) for d in names} for c in alive}, names,
+                                 es.metric.name, keep=keep, floor=floor, confidence=sc.racing_confidence,
+                                 seed=rnd, sacre=sacre)
+                for c, why in res.out.items():
+                    left[c] = (res.scores[c], seen, why)
+                alive = [c for c in alive if c not in res.out]
+        out: dict[Candidate, Evaluation] = {}
+        m = es.metric
+        for c, (score, _seen, _why) in left.items():
+            if full_hit[c]:
+                out[c] = full_hit[c]  # a full score from an earlier run beats a partial one
+                continue
+            k = cost[c]
+            per_dir = {"-".join(d): m.rounded(float(corpus_score(m.name, np.asarray(stats[c][d]).sum(axis=0), sacre)))
+                       for d in names}
+            res = {"score": m.ranked(m.rounded(score)), "params": k["params"], "bytes": k["bytes"],
+                   "metrics": {m.name: {**dict(sorted(per_dir.items())), "mean": m.rounded(score)}},
+                   "sentences": k["sentences"], "seconds": k["seconds"], "actor": ",".join(sorted(k["actors"]))}
+            ev = race_hit[c] or self.record(c, res, race, f"{strategy}:race")
+            out[c] = dataclasses.replace(ev, partial=True)
+        for c in alive:  # full evaluations: every sentence decoded in the race, scored as the actors do
+            if full_hit[c]:
+                self.budget.cached += 1
+                out[c] = full_hit[c]
+                continue
+            out[c] = self.record(c, self._full_result(c, hyps[c], cost[c], es, names), es, strategy)
+        self.budget.requested += len(candidates) * n * len(names)
+        self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
+                              "decoded_sentences": sum(k["sentences"] for k in cost.values()),
+                              "plain_sentences": len(todo) * n * len(names), "seconds": round(time.perf_counter() - t0, 2),
+                              "out": {"+".join(c.units): {"seen": s, "why": why, "score": round(sc_, 4)}
+                                      for c, (sc_, s, why) in left.items()}})
+        return [out[c] for c in candidates]
+
+    def _full_result(self, c: Candidate, hyps: dict, cost: dict, es: EvalSet, names: list) -> dict:
+        """A race survivor's full evaluation from its hypotheses, in the shape of a merged pool result."""
+        from .metrics import Scorer
+
+        if self._scorer is None:
+            self._scorer = Scorer(spm=self.cfg.metric.spm_for(self.cfg.model.name), metrics=tuple(self.cfg.metric.scored))
+        n = es.limit or len(self.devset)
+        metrics: dict[str, dict[str, float]] = {}
+        for d in sorted(names, key="-".join):
+            scores = self._scorer.score(hyps[d], list(self.devset.lines[d[1]][:n]))
+            for name, v in scores.items():
+                metrics.setdefault(name, {})["-".join(d)] = v
+        for name, per in metrics.items():
+            metrics[name] = {**dict(sorted(per.items())), "mean": METRICS[name].rounded(sum(per.values()) / len(per))}
+        return {"score": METRICS[es.metric.name].ranked(metrics[es.metric.name]["mean"]), "metrics": metrics,
+                "params": cost["params"], "bytes": cost["bytes"], "sentences": cost["sentences"],
+                "seconds": cost["seconds"], "actor": ",".join(sorted(cost["actors"]))}
+
+    def _race_context(self, es: EvalSet) -> EvalSet:
+        key = f"race|{es.context}"
+        if key not in self._stages:
+            sc = self.cfg.search
+            desc = {**es.description, "raced": {"chunk": sc.racing_chunk, "confidence": sc.racing_confidence}}
+            self._stages[key] = EvalSet(list(es.directions), desc, es.metric, self.store.register_context(desc), es.limit)
+        return self._stages[key]
+

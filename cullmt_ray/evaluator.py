@@ -27,6 +27,9 @@ from .families import load_family
 from .metrics import METRICS, Scorer
 
 
+KL_CACHE_MIB = 512  # the full model's KL targets kept per actor (least recently used dropped beyond)
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How candidates are scored; everything here is part of the store's context."""
@@ -35,6 +38,9 @@ class EvalSettings:
     metrics: tuple[str, ...] = ("spbleu", "chrf++", "bleu")
     spm: str = "flores200"
     decoding: Decoding = Decoding()
+    # Decode the dev set in blocks of this many sentences (in dev-set order; each block length-sorted
+    # and batched on its own), so that a racing chunk decodes exactly as a full evaluation does.
+    block: int | None = None
 
 
 class EvaluatorActor:
@@ -63,7 +69,7 @@ class EvaluatorActor:
         n = len(self.devset) if limit is None else min(limit, len(self.devset))
         with self.family.apply(removed):
             for src, tgt in directions:
-                hyps = self.family.translate(list(self.devset.lines[src][:n]), src, tgt, self.settings.decoding)
+                hyps = self._translate(list(self.devset.lines[src][:n]), src, tgt)
                 per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt][:n]))
         metrics = {}
         for m in self.settings.metrics:
@@ -74,25 +80,53 @@ class EvaluatorActor:
                 "bytes": size.bytes, "sentences": n * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
+    def _translate(self, sources: list[str], src: str, tgt: str) -> list[str]:
+        """The dev set's decoding: length-sorted batches, within blocks of ``settings.block`` when set."""
+        b = self.settings.block or len(sources) or 1
+        return [h for i in range(0, len(sources), b)
+                for h in self.family.translate(sources[i : i + b], src, tgt, self.settings.decoding)]
+
+    def sentence_stats(self, removed: list[str], direction: Direction, start: int, stop: int) -> dict:
+        """Hypotheses and per-sentence statistics of the primary metric for dev sentences ``[start, stop)``
+        of one direction (a racing chunk, see :mod:`cullmt_ray.racing`): decoded exactly as in
+        :meth:`evaluate` when ``start`` and ``stop`` are on ``settings.block`` boundaries."""
+        t0 = time.perf_counter()
+        src, tgt = direction
+        with self.family.apply(removed):
+            hyps = self._translate(list(self.devset.lines[src][start:stop]), src, tgt)
+        stats = self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]), self.settings.metric)
+        size = self.family.size(removed)
+        return {"hyps": hyps, "stats": stats, "params": size.params, "bytes": size.bytes, "sentences": len(hyps),
+                "seconds": time.perf_counter() - t0, "actor": self.name}
+
     def kl(self, removed: list[str], directions: list[Direction], limit: int | None = None,
            batch_size: int = 16) -> dict:
         """Teacher-forced KL(full || pruned) of a prune set, nats per target token (no decoding).
 
         The result has :meth:`evaluate`'s shape: ``metrics["kl"]`` per direction and mean, score
         ``-mean`` (the ranked score, :meth:`Metric.ranked`), ``sentences`` 0 generated (``teacher_forced`` says how many
-        were scored). The full model's distributions are recomputed, not cached: with a large
-        vocabulary they would not fit.
+        were scored). The full model's side (its top-k log-probs per target token, :func:`full_targets`)
+        and the tokenized batches are computed once per direction and cached (bounded), so each candidate
+        costs one pruned pass.
         """
-        from .proxies import kl_to_full
+        from .families.base import TensorCache
+        from .proxies import full_targets, kl_cached
 
         t0 = time.perf_counter()
         n = len(self.devset) if limit is None else min(limit, len(self.devset))
+        if not hasattr(self, "_kl_targets"):
+            self._kl_batches: dict = {}
+            self._kl_targets = TensorCache(KL_CACHE_MIB)
         per_direction = {}
         for src, tgt in directions:
-            s, t = list(self.devset.lines[src][:n]), list(self.devset.lines[tgt][:n])
-            batches = [self.family.teacher_forced(s[i : i + batch_size], t[i : i + batch_size], src, tgt)
-                       for i in range(0, n, batch_size)]
-            per_direction[direction_name((src, tgt))] = kl_to_full(self.family, batches, removed)  # unrounded: tiny KLs still rank
+            key = (src, tgt, n, batch_size)
+            if key not in self._kl_batches:
+                s, t = list(self.devset.lines[src][:n]), list(self.devset.lines[tgt][:n])
+                self._kl_batches[key] = [self.family.teacher_forced(s[i : i + batch_size], t[i : i + batch_size], src, tgt)
+                                         for i in range(0, n, batch_size)]
+            batches = self._kl_batches[key]
+            targets = [self._kl_targets.get((key, i), lambda b=b: full_targets(self.family, b)) for i, b in enumerate(batches)]
+            per_direction[direction_name((src, tgt))] = kl_cached(self.family, batches, targets, removed)  # unrounded: tiny KLs still rank
         mean = sum(per_direction.values()) / len(per_direction)
         size = self.family.size(removed)
         return {"score": METRICS["kl"].ranked(mean), "metrics": {"kl": {**per_direction, "mean": mean}}, "params": size.params,
@@ -278,6 +312,12 @@ class EvaluatorPool:
                 raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
                                f"({type(e).__name__}); every finished evaluation is stored: resume the run "
                                "(cullmt-ray search --resume RUN_DIR)") from e
+
+    def sentence_stats(self, jobs: Iterable[tuple[Any, list[str], Direction, int, int]]) -> Iterator[tuple[Any, dict]]:
+        """Spread ``(key, removed, direction, start, stop)`` racing chunks over the actors; yield
+        ``(key, per-sentence statistics)`` as they finish (:meth:`EvaluatorActor.sentence_stats`)."""
+        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), d, s, e))
+                            for key, removed, d, s, e in jobs)
 
     def proxies(self, units: list[str], directions: list[Direction]) -> dict:
         """Importance proxies for ``units`` (see :mod:`cullmt_ray.proxies`), units spread over the actors."""

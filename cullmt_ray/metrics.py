@@ -45,7 +45,7 @@ class Metric:
 
 
 KL = Metric("kl", higher_is_better=False, decoded=False, digits=None,
-            fixed_signature="kl:full||pruned|teacher-forced|reference-targets|unit:nats/token")
+            fixed_signature="kl:full||pruned|teacher-forced|reference-targets|full:exact<=32768+top256-tail|unit:nats/token")
 METRICS: dict[str, Metric] = {m.name: m for m in (Metric("spbleu"), Metric("chrf++"), Metric("bleu"), KL)}
 DECODED = tuple(n for n, m in METRICS.items() if m.decoded)
 
@@ -130,6 +130,11 @@ class Scorer:
 
     def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
         return {m: round(self._metric(m).corpus_score(hyps, [refs]).score, 4) for m in self.metrics}
+
+    def sentence_stats(self, hyps: list[str], refs: list[str], metric: str) -> list[list[int]]:
+        """Per-sentence sufficient statistics of ``metric`` (sacrebleu's); summed, they give the corpus
+        score. Racing (:mod:`cullmt_ray.racing`) bootstraps over them."""
+        return [[int(x) for x in row] for row in self._metric(metric)._extract_corpus_statistics(hyps, [refs])]
 
 
 def sacrebleu_version() -> str:

@@ -83,6 +83,53 @@ def kl_to_full(family: ModelFamily, batches: list[tuple[dict, torch.Tensor]], re
     return total / max(count, 1)
 
 
+# The full model's distribution kept per target token: all of it up to KL_EXACT_VOCAB tokens (exact KL),
+# else its top KL_TOPK log-probs + one bucket for the rest (256k-token NLLB: 1 MiB per token otherwise).
+KL_TOPK = 256
+KL_EXACT_VOCAB = 32768
+
+
+@torch.inference_mode()
+def full_targets(family: ModelFamily, batch: tuple[dict, torch.Tensor], k: int | None = -1):
+    """What KL needs of the full model for one teacher-forced batch, at target positions only:
+    ``(log-probs, None)`` when ``k`` is None or covers the vocabulary, else ``(top-k log-probs, their ids)``;
+    by default exact up to ``KL_EXACT_VOCAB`` tokens, top ``KL_TOPK`` beyond.
+    Computed once per batch and cached by the actor (:meth:`EvaluatorActor.kl`); the full model never changes."""
+    inputs, mask = batch
+    lp = F.log_softmax(family.model(**inputs).logits.float(), dim=-1)[mask]
+    if k == -1:  # the default policy
+        k = None if lp.shape[-1] <= KL_EXACT_VOCAB else KL_TOPK
+    if k is None or k >= lp.shape[-1]:
+        return lp, None
+    val, idx = lp.topk(k, dim=-1)
+    return val, idx
+
+
+@torch.inference_mode()
+def kl_cached(family: ModelFamily, batches: list[tuple[dict, torch.Tensor]], targets: list, removed: list[str]) -> float:
+    """KL(full || model without ``removed``) in nats per target token, from cached :func:`full_targets`:
+    one teacher-forced pass of the pruned model per batch. With top-k targets the full distribution is
+    its k most likely tokens plus one bucket for the rest (the KL of that coarser distribution: a lower
+    bound, equal to the exact KL when the tail mass is the same under both models)."""
+    total, count = 0.0, 0
+    with family.apply(removed):
+        for (inputs, mask), (val, idx) in zip(batches, targets):
+            lq = F.log_softmax(family.model(**inputs).logits.float(), dim=-1)[mask]
+            total += float(_kl_rows(val, idx, lq).sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _kl_rows(val: torch.Tensor, idx: torch.Tensor | None, lq: torch.Tensor) -> torch.Tensor:
+    if idx is None:
+        return (val.exp() * (val - lq)).sum(-1)
+    p, lq_head = val.exp(), lq.gather(-1, idx)
+    head = (p * (val - lq_head)).sum(-1)
+    rest_p = (1.0 - p.sum(-1)).clamp_min(1e-12)
+    rest_q = (1.0 - lq_head.exp().sum(-1)).clamp_min(1e-12)
+    return head + rest_p * (rest_p.log() - rest_q.log())
+
+
 def _kl(family: ModelFamily, batches, full_logp: list[torch.Tensor], removed: list[str]) -> float:
     total, count = 0.0, 0
     with family.apply(removed):

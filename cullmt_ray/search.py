@@ -38,8 +38,9 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
 
             run_with_tune(strategy, session, cfg.resources.trial_cpus, session.run_dir / "tune")
         else:
+            race = {"floor": baseline.score - cfg.search.threshold, "keep": getattr(strategy, "width", 1)}
             while batch := strategy.ask():
-                strategy.tell(session.evaluate_staged(batch, strategy.name))
+                strategy.tell(session.service.evaluate_staged(batch, strategy.name, session.calibration, **race))
                 write_json(session.run_dir / "trace.json", strategy.trace())
         trace = strategy.trace()
         write_json(session.run_dir / "trace.json", trace)
@@ -53,7 +54,8 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
                        baseline={"score": baseline.score, "params": baseline.params, "bytes": baseline.bytes},
                        final={"removed": trace.get("final", []), "stop_reason": trace.get("stop_reason", "")},
                        files={**{k: str(v.relative_to(session.run_dir)) for k, v in files.items()},
-                              "report": "report.html", "sensitivity": "sensitivity.csv"})
+                              "report": "report.html", "sensitivity": "sensitivity.csv"},
+                       **({"racing": session.service.race_log} if cfg.search.racing else {}))
         write_report(session.run_dir, session.store, title)
         b = session.service.budget
         log.info("finished: removed %s (%s); %d evaluations computed, %d read from the store",

@@ -359,7 +359,7 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
             write_json(run_dir / "run.json", status)
         ensure_ray(cfg.resources.address, cfg.resources.num_cpus)
         settings = EvalSettings(cfg.metric.primary, tuple(cfg.metric.scored), cfg.metric.spm_for(cfg.model.name),
-                                cfg.decoding)
+                                cfg.decoding, block=cfg.search.racing_chunk if cfg.search.racing else None)
         with ray_quiet():
             pool = EvaluatorPool(cfg.model, ds, settings, cfg.resources, run=run_id)
         service = EvaluationService(cfg, pool, store, ds, run_id)

@@ -48,6 +48,44 @@ class LayerStack:
         return getattr(self.owner, self.attr)
 
 
+class TensorCache:
+    """A least-recently-used map to tensors (or model outputs holding tensors), bounded in MiB."""
+
+    def __init__(self, mib: float):
+        from collections import OrderedDict
+
+        self.limit = int(mib * 2**20)
+        self.items: OrderedDict = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _size(value) -> int:
+        values = value.values() if hasattr(value, "values") else value if isinstance(value, (tuple, list)) else [value]
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+    def get(self, key, make):
+        """The value for ``key``; on a miss ``make()`` computes it (kept if it fits)."""
+        if key in self.items:
+            self.hits += 1
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        self.misses += 1
+        value = make()
+        size = self._size(value)
+        if size <= self.limit:
+            self.items[key] = (value, size)
+            self.nbytes += size
+            while self.nbytes > self.limit:
+                _, (_, s) = self.items.popitem(last=False)
+                self.nbytes -= s
+        return value
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = self.hits = self.misses = 0
+
+
 Example = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss)
 
 
@@ -68,6 +106,7 @@ class ModelFamily(ABC):
         self.stacks = self._stacks()
         self._unit_params = self._count_unit_params()
         self._applied = False
+        self.removed: frozenset[str] = frozenset()  # the prune set applied now (see apply)
 
     # --------------------------------------------------------------- what a family defines
     @classmethod
@@ -147,6 +186,7 @@ class ModelFamily(ABC):
         config = self.model.config
         try:
             self._enter()
+            self.removed = removed
             for s in self.stacks:
                 full = s.layers
                 keep = [i for i in range(len(full)) if f"{s.prefix}.{i}" not in removed]
@@ -172,6 +212,7 @@ class ModelFamily(ABC):
                 for m, v in idx:
                     m.layer_idx = v
             self._applied = False
+            self.removed = frozenset()
 
     def _enter(self) -> None:
         """Mark a prune set applied; they do not nest."""

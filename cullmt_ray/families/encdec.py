@@ -3,18 +3,27 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..languages import SHORT_TO_NLLB
 from ..config import Decoding
-from .base import Example, FamilyError, LayerStack, ModelFamily
+from .base import Example, FamilyError, LayerStack, ModelFamily, TensorCache
 
 _NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
 
 
 class EncoderDecoderFamily(ModelFamily):
     name = "encdec"
+    # Candidates that remove only decoder units share the full encoder's output: it is computed once
+    # per batch of sources and reused (bounded LRU; None turns the cache off, e.g. for MoE gate statistics).
+    encoder_cache_mib: ClassVar[float | None] = 256.0
+
+    def __init__(self, model: nn.Module, tokenizer, model_id: str):
+        super().__init__(model, tokenizer, model_id)
+        self.encoder_cache = TensorCache(self.encoder_cache_mib) if self.encoder_cache_mib else None
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -64,9 +73,18 @@ class EncoderDecoderFamily(ModelFamily):
         self.tokenizer.src_lang = src_key
         enc = self.tokenizer(sources, return_tensors="pt", padding=True).to(self.device)
         budget = min(decoding.max_new_tokens, int(enc["input_ids"].shape[1] * 2) + 10)
+        extra = {}
+        if self.encoder_cache is not None and not any(u.startswith("enc.") for u in self.removed):
+            hit = self.encoder_cache.get((src_key, tuple(sources)), lambda: self._encode(enc))
+            extra["encoder_outputs"] = type(hit)(last_hidden_state=hit.last_hidden_state)  # generate expands it for beams
         gen = self.model.generate(**enc, forced_bos_token_id=tgt_id, num_beams=decoding.num_beams,
-                                  max_new_tokens=budget, do_sample=False)
+                                  max_new_tokens=budget, do_sample=False, **extra)
         return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+
+    def _encode(self, enc: dict):
+        """The full encoder's output for a tokenized batch (what ``generate`` would compute first)."""
+        return self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                        return_dict=True)
 
     def teacher_forced(self, sources: list[str], targets: list[str], src: str, tgt: str) -> tuple[dict, torch.Tensor]:
         """Model inputs that score ``targets`` given ``sources``, and the mask of target positions."""

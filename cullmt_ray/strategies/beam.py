@@ -26,7 +26,7 @@ class BeamStrategy(BaseStrategy):
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)
-        ranked = sorted(results, key=lambda e: (-e.score, e.params, e.candidate.units))
+        ranked = sorted(results, key=lambda e: (e.partial, -e.score, e.params, e.candidate.units))
         best = ranked[0]
         drop = self.space.baseline_score - best.score
         step = {"step": len(self.steps) + 1, "size": len(best.candidate), "tried": len(results),

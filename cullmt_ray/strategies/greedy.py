@@ -24,13 +24,16 @@ class GreedyStrategy(BaseStrategy):
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)
-        # Best score first; ties go to the smaller model, then to the first unit in model order.
-        best = max(results, key=lambda e: (e.score, -e.params))
+        # Best score first; ties go to the smaller model, then to the first unit in model order. A
+        # candidate that left a race early (partial) lost to a fully scored one, whatever its partial score.
+        best = max(results, key=lambda e: (not e.partial, e.score, -e.params))
         drop = self.space.baseline_score - best.score
         step = {"step": len(self.steps) + 1, "from": self.current.units,
                 "tried": {"+".join(sorted(r.candidate.removed - self.current.removed)): r.score for r in results},
                 "best_unit": "+".join(sorted(best.candidate.removed - self.current.removed)),
                 "best_score": best.score, "drop": round(drop, 4), "params": best.params}
+        if raced := [r for r in results if r.partial]:
+            step["raced_out"] = {"+".join(sorted(r.candidate.removed - self.current.removed)): r.sentences for r in raced}
         if drop > self.stop.threshold:
             step["accepted"] = False
             self.steps.append(step)

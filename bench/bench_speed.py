@@ -1,0 +1,343 @@
+"""Evaluation speed (issue 15): racing greedy vs plain greedy, one candidate vs naive, the demo search,
+and a scale part on random-initialised models of real shapes. Ratios are measured within one run.
+
+Parts (``--parts``, comma-separated; each merges its section into results/bench/speed.json):
+- ``greedy``: plain greedy vs racing greedy (``search.racing``) on reference:dense and reference:llama with
+  the demo settings (100 sentences x 6 English-centric directions, threshold 2.0, 2 actors), fresh stores:
+  wall ratio, sentences decoded, same final set and score, same accepted unit at every step.
+- ``candidate``: one candidate (enc.1 + dec.4 removed, 48 sentences, 1 thread): cullmt-ray's route vs a
+  naive ``deepcopy`` + delete + unsorted HF ``generate``, plus a decoder-only candidate with the encoder cache.
+- ``demo``: README command 1 (``cullmt-ray search``, the embedded default) wall time, plain and racing.
+- ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
+  no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
+  decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
+  GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
+    python bench/bench_speed.py [--parts greedy,candidate,demo,scale]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, RESULTS, parser, save
+
+OUT = RESULTS / "speed.json"
+
+
+def _load() -> dict:
+    return json.loads(OUT.read_text()) if OUT.exists() else {}
+
+
+def _search(model: str, tmp: Path, name: str, extra: list[str], sentences: int) -> dict:
+    """One ``cullmt-ray search`` in a subprocess (its own Ray cluster), fresh store; its facts."""
+    out = tmp / name
+    cmd = [sys.executable, "-m", "cullmt_ray.cli", "-q", "search", "--set", f"model.name={model}",
+           "--set", f"data.max_sentences={sentences}", "--set", f"output.dir={out}",
+           "--set", f"output.store={out / 'store.sqlite'}", "--set", f"name={name}", *sum((["--set", e] for e in extra), [])]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CULLMT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - t
+    run_dir = next(out.glob(f"{name}-*"))
+    info = json.loads((run_dir / "run.json").read_text())
+    trace = json.loads((run_dir / "trace.json").read_text())
+    accepted = [s for s in trace["steps"] if s["accepted"]]
+    last = accepted[-1] if accepted else trace["steps"][-1]
+    races = info.get("racing", [])
+    return {"final": trace["final"], "score": last["best_score"], "stop_reason": trace["stop_reason"],
+            "steps": [(s["best_unit"], s["best_score"], s["accepted"]) for s in trace["steps"]],
+            "evaluations": info["budget"]["evaluations"], "sentences_decoded": info["budget"]["sentences"],
+            "wall_seconds": round(wall, 1), "search_seconds": info["wall_seconds"],
+            "race_steps": [{k: r[k] for k in ("candidates", "rounds", "survivors", "decoded_sentences", "plain_sentences")}
+                           for r in races]}
+
+
+def part_greedy(args) -> dict:
+    out = {}
+    tmp = Path(tempfile.mkdtemp(prefix="cullmt-speed-"))
+    try:
+        for model in args.models.split(","):
+            tag = model.split(":")[-1]
+            plain = _search(model, tmp, f"plain-{tag}", [], args.sentences)
+            fast = _search(model, tmp, f"race-{tag}", ["search.racing=true", f"search.racing_chunk={args.chunk}"],
+                           args.sentences)
+            same_steps = [a[0] for a in plain["steps"]] == [b[0] for b in fast["steps"]]
+            out[tag] = {"plain": plain, "racing": fast,
+                        "wall_ratio": round(fast["wall_seconds"] / plain["wall_seconds"], 3),
+                        "search_ratio": round(fast["search_seconds"] / plain["search_seconds"], 3),
+                        "decoded_ratio": round(fast["sentences_decoded"] / plain["sentences_decoded"], 3),
+                        "same_final": plain["final"] == fast["final"],
+                        "same_score": abs(plain["score"] - fast["score"]) < 1e-9,
+                        "same_decision_every_step": same_steps}
+            print(tag, {k: v for k, v in out[tag].items() if k not in ("plain", "racing")}, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"greedy": {"sentences": args.sentences, "racing_chunk": args.chunk, "confidence": 0.99,
+                       "settings": "demo: 6 English-centric directions, threshold 2.0, 2 actors x 1 CPU", **out}}
+
+
+def part_candidate(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_eval import naive
+
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.data import load_devset
+    from cullmt_ray.families import load_family
+
+    torch.set_num_threads(1)
+    fam = load_family(ModelConfig("reference:dense"))
+    sources = list(load_devset("builtin:demo").subsample(48).lines["eng_Latn"])
+    dec = Decoding(batch_size=16)
+    res = {}
+    for removed in (["enc.1", "dec.4"], ["dec.4"]):
+        ours, theirs = [], []
+        fam.encoder_cache.clear()
+        for _ in range(args.repeats):  # interleaved A/B
+            t = time.perf_counter()
+            with fam.apply(removed):
+                a = fam.translate(sources, "eng_Latn", "deu_Latn", dec)
+            ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            b = naive(fam, removed, sources, "eng_Latn", "deu_Latn", dec.batch_size)
+            theirs.append(time.perf_counter() - t)
+        same = sum(x.strip() == y.strip() for x, y in zip(a, b))
+        res["+".join(removed)] = {"cullmt_seconds_median": round(statistics.median(ours), 3),
+                                  "naive_seconds_median": round(statistics.median(theirs), 3),
+                                  "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+                                  "identical_outputs": f"{same}/{len(sources)}",
+                                  "note": "encoder output cached (decoder-only prune set; first repeat fills it)"
+                                  if not any(u.startswith("enc.") for u in removed) else "no cache applies"}
+    print(res, flush=True)
+    return {"candidate": {"model": "reference:dense", "sentences": len(sources), "threads": 1, **res}}
+
+
+def part_demo(args) -> dict:
+    out = {}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CULLMT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    tmp = Path(tempfile.mkdtemp(prefix="cullmt-demo-"))
+    try:
+        for name, extra in (("plain", ["--set", "search.racing=false"]), ("racing", ["--set", "search.racing=true"])):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cullmt_ray.cli", "-q", "search", "--set", f"output.dir={tmp / name}",
+                            "--set", f"output.store={tmp / name / 's.sqlite'}", *extra], check=True, env=env, cwd=REPO)
+            wall = time.perf_counter() - t
+            run = json.loads(next((tmp / name).glob("*/run.json")).read_text())
+            out[name] = {"wall_seconds": round(wall, 1), "final": run["final"]["removed"]}
+            print(name, out[name], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"demo": {"command": "cullmt-ray search (README command 1, models already installed)", **out}}
+
+
+# ----------------------------------------------------------------------------- scale
+NLLB_600M = dict(vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                 decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024,
+                 scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                 dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0)
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                bos_token_id=128000, eos_token_id=128001, pad_token_id=128004)
+
+
+def _random_model(kind: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, M2M100Config, M2M100ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "nllb600m":
+        conf, cls = M2M100Config(**NLLB_600M), M2M100ForConditionalGeneration
+    else:
+        conf, cls = LlamaConfig(**LLAMA_1B), LlamaForCausalLM
+    with torch.device("meta"):
+        model = cls(conf)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():  # rotary inv_freq, sinusoidal positions: recompute properly
+            pass
+    if kind != "nllb600m":
+        model.model.rotary_emb.__init__(conf)
+    else:
+        for part in (model.model.encoder, model.model.decoder):
+            pos = part.embed_positions
+            pos.make_weights(conf.max_position_embeddings + pos.offset, conf.d_model, conf.pad_token_id)
+    model.tie_weights()
+    return model.eval()
+
+
+def part_scale(args) -> dict:
+    import psutil
+    import torch
+    from torch import nn
+
+    from cullmt_ray.families.decoder import DecoderOnlyFamily
+    from cullmt_ray.families.encdec import EncoderDecoderFamily
+    from cullmt_ray.tiny import tokenizer
+
+    torch.set_num_threads(args.threads)
+    proc = psutil.Process()
+    tok = tokenizer()
+    out = {"threads": args.threads}
+    src_len, new_tokens, batch = 32, 32, 8
+    for kind in ("nllb600m", "llama1b"):
+        gc.collect()
+        rss_before = proc.memory_info().rss
+        t = time.perf_counter()
+        model = _random_model(kind)
+        build = time.perf_counter() - t
+        fam = (EncoderDecoderFamily if kind == "nllb600m" else DecoderOnlyFamily)(model, tok, kind)
+        units = fam.units()
+        nbytes = fam.size().bytes
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        rng = random.Random(0)
+        sets = [rng.sample(units, rng.randint(1, len(units) // 4)) for _ in range(100)]
+        ids = torch.randint(4, min(model.config.vocab_size, 30000), (batch, src_len))
+        tgt = torch.randint(4, min(model.config.vocab_size, 30000), (batch, new_tokens))
+        times, rss = [], []
+        for i, s in enumerate(sets):
+            t = time.perf_counter()
+            with fam.apply(s):
+                if i % 25 == 0:  # a forward inside every 25th candidate: the replica really runs
+                    with torch.inference_mode():
+                        _forward(model, kind, ids[:1, :8], tgt[:1, :8])
+            times.append(time.perf_counter() - t)
+            rss.append(proc.memory_info().rss)
+        applies = [x for i, x in enumerate(times) if i % 25]
+
+        def decode(removed=(), dtype=None):
+            with fam.apply(removed), torch.inference_mode():
+                t = time.perf_counter()
+                _generate(model, kind, ids, new_tokens)
+                return (time.perf_counter() - t) / batch
+
+        def kl_pass(removed=()):
+            with torch.inference_mode():
+                t = time.perf_counter()
+                full = torch.log_softmax(_forward(model, kind, ids, tgt).float(), -1)
+                t_full = time.perf_counter() - t
+                with fam.apply(removed):
+                    t = time.perf_counter()
+                    lp = torch.log_softmax(_forward(model, kind, ids, tgt).float(), -1)
+                    t_pruned = time.perf_counter() - t
+                (full.exp() * (full - lp)).sum(-1).mean()
+                return t_full / batch, t_pruned / batch
+
+        decode()  # warm-up
+        half = units[: len(units) // 4] + (units[len(units) // 2 : len(units) // 2 + len(units) // 4]
+                                           if kind == "nllb600m" else units[len(units) // 4 : len(units) // 2])
+        d_full, d_half, k_full = [], [], []
+        for _ in range(args.repeats):  # interleaved
+            d_full.append(decode())
+            d_half.append(decode(half))
+            k_full.append(kl_pass(half))
+        d_full, d_half = statistics.median(d_full), statistics.median(d_half)
+        kl_full = statistics.median(k[0] for k in k_full)
+        kl_pruned = statistics.median(k[1] for k in k_full)
+        per_layer = (d_full - d_half) / len(half)
+        fixed = d_full - per_layer * len(units)
+        res = {"shape": NLLB_600M if kind == "nllb600m" else {k: v for k, v in LLAMA_1B.items() if k != "rope_parameters"},
+               "params_m": round(fam.size().params / 1e6, 1), "model_mib": round(nbytes / 2**20, 1),
+               "build_seconds": round(build, 1),
+               "rss_replica_mib": round((rss0 - rss_before) / 2**20, 1), "rss_start_mib": round(rss0 / 2**20, 1),
+               "rss_growth_over_100_candidates_mib": round((max(rss) - rss0) / 2**20, 2),
+               "apply_restore_ms_mean": round(statistics.mean(applies) * 1e3, 3),
+               "apply_restore_ms_max": round(max(applies) * 1e3, 3),
+               "decode_seconds_per_sentence_full": round(d_full, 4),
+               f"decode_seconds_per_sentence_{len(half)}_removed": round(d_half, 4),
+               "decode_seconds_per_layer_per_sentence": round(per_layer, 5),
+               "decode_seconds_fixed_per_sentence": round(fixed, 4),
+               "kl_seconds_per_sentence_full_pass": round(kl_full, 4),
+               "kl_seconds_per_sentence_pruned_pass": round(kl_pruned, 4),
+               "kl_cached_over_decode": round(kl_pruned / d_half, 3),
+               "kl_uncached_over_decode": round((kl_full + kl_pruned) / d_half, 3),
+               "fixed_lengths": {"source_tokens": src_len, "target_tokens": new_tokens, "batch": batch}}
+        if args.bf16:
+            model.to(torch.bfloat16)
+            decode()
+            b = statistics.median(decode() for _ in range(max(1, args.repeats - 1)))
+            res["decode_seconds_per_sentence_bf16"] = round(b, 4)
+            res["bf16_over_fp32"] = round(b / d_full, 3)
+        out[kind] = res
+        print(kind, res, flush=True)
+        del fam, model
+        gc.collect()
+    out["projection"] = project(out["nllb600m"], _load().get("greedy"))
+    return {"scale": out}
+
+
+def _forward(model, kind, ids, tgt):
+    if kind == "nllb600m":
+        return model(input_ids=ids, attention_mask=ids.ne(-1), decoder_input_ids=tgt).logits
+    return model(input_ids=__import__("torch").cat([ids, tgt], 1)).logits
+
+
+def _generate(model, kind, ids, n):
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
+    if kind == "nllb600m":
+        return model.generate(input_ids=ids, attention_mask=ids.ne(-1), forced_bos_token_id=256047, **kw)
+    return model.generate(input_ids=ids, attention_mask=ids.ne(-1), pad_token_id=model.config.pad_token_id, **kw)
+
+
+def project(nllb: dict, greedy: dict | None) -> dict:
+    """GPU-hours of CULL-MT's greedy on NLLB-3.3B (24+24 layers, 12 removed), plain vs racing.
+
+    Assumptions: a full evaluation costs ``fixed + per_layer x layers kept`` (the measured ratio of the
+    600M shape's fixed to per-layer decode cost, on CPU, is taken to hold on a GPU for the 3.3B); the
+    anchor is the issue's 120 GPU-hours for plain greedy's ~510 evaluations; racing decodes the measured
+    fraction of plain greedy's sentences (mean over the dense and llama runs of ``greedy``); steps
+    take 48, 47, ..., 37 candidates (12 steps, 510 evaluations)."""
+    per_layer = nllb["decode_seconds_per_layer_per_sentence"]
+    fixed = max(nllb["decode_seconds_fixed_per_sentence"], 0.0)
+    layers, removed = 48, 12
+    cost = [(48 - k) * (fixed + per_layer * (layers - k - 1)) for k in range(removed)]
+    anchor = 120.0 / sum(cost)  # GPU-hours per unit of cost
+    plain = sum(cost) * anchor
+    frac = None
+    if greedy:
+        ratios = [v["decoded_ratio"] for k, v in greedy.items() if isinstance(v, dict) and "decoded_ratio" in v]
+        frac = sum(ratios) / len(ratios) if ratios else None
+    out = {"evaluations_plain": sum(48 - k for k in range(removed)), "gpu_hours_plain": round(plain, 1),
+           "fixed_over_per_layer": round(fixed / per_layer, 2) if per_layer > 0 else None,
+           "assumptions": project.__doc__.split("Assumptions: ", 1)[1].strip()}
+    if frac is not None:
+        out.update(racing_decoded_fraction=round(frac, 3), gpu_hours_racing=round(plain * frac, 1))
+    return out
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.set_defaults(sentences=100)
+    ap.add_argument("--parts", default="greedy,candidate,demo,scale")
+    ap.add_argument("--models", default="reference:dense,reference:llama")
+    ap.add_argument("--chunk", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", default=True)
+    args = ap.parse_args()
+    res = _load()
+    res.pop("benchmark", None), res.pop("when", None), res.pop("machine", None)
+    for part in args.parts.split(","):
+        t = time.perf_counter()
+        res.update(globals()[f"part_{part}"](args))
+        res.setdefault("load", {})[part] = {"loadavg_after": os.getloadavg(), "seconds": round(time.perf_counter() - t, 1)}
+        save("speed", res, str(OUT))
+
+
+if __name__ == "__main__":
+    main()

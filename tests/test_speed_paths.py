@@ -1,0 +1,139 @@
+"""The speed paths of issue 15 give the plain paths' answers: racing (same greedy decisions and scores),
+block decoding (a race chunk decodes as a full evaluation does), the encoder-output cache (same
+translations) and the KL cache (same KL)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from cullmt_ray.racing import bleu_from_stats, race_round
+
+from .conftest import search_config, write_self_reference_devset
+
+
+def test_vectorised_bleu_equals_sacrebleu_on_resampled_sentences(demo_sources):
+    from sacrebleu.metrics import BLEU
+
+    refs = demo_sources
+    hyps = [r if i % 3 else " ".join(r.split()[:-2]) for i, r in enumerate(refs)]
+    hyps[1], hyps[4] = "x", ""
+    bleu = BLEU()
+    stats = np.array(bleu._extract_corpus_statistics(hyps, [refs]))
+    rng = random.Random(0)
+    for _ in range(20):
+        idx = [rng.randrange(len(refs)) for _ in range(rng.randint(1, len(refs)))]
+        want = bleu.corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
+        assert bleu_from_stats(stats[idx].sum(axis=0)) == pytest.approx(want, abs=1e-9)
+
+
+def test_race_round_drops_only_the_clearly_worse():
+    good = np.tile([20, 20, 20, 19, 18, 17, 20, 19, 18, 17], (40, 1))  # every sentence a perfect match
+    bad = good.copy()
+    bad[:, 2:6] //= 3  # a third of the matches in every sentence
+    close = good.copy()
+    close[7, 2:6] -= 1  # one sentence slightly worse: not clearly worse
+    d = ("eng_Latn", "deu_Latn")
+    res = race_round({"a": {d: good}, "twin": {d: good.copy()}, "bad": {d: bad}, "close": {d: close}}, [d], "spbleu")
+    assert res.out == {"bad": "worse than the leader"}
+    assert res.scores["a"] == res.scores["twin"] == pytest.approx(100.0) and res.scores["close"] < 100.0
+    # beam: the best `keep` are never dropped; a floor above a candidate drops it as below the threshold
+    assert race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu", keep=2).out == {}
+    res = race_round({"a": {d: good}, "close": {d: close}}, [d], "spbleu", floor=100.5)
+    assert res.out == {"close": "below the threshold"}
+
+
+@pytest.fixture(scope="module")
+def fam(tiny_encdec):
+    from cullmt_ray.config import ModelConfig
+    from cullmt_ray.families import load_family
+
+    return load_family(ModelConfig(str(tiny_encdec)))
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_encoder_cache_gives_the_same_translations(fam, demo_sources, beams):
+    from cullmt_ray.config import Decoding
+
+    dec = Decoding(num_beams=beams, batch_size=5, max_new_tokens=20)
+    cache, fam.encoder_cache = fam.encoder_cache, None
+    try:
+        with fam.apply(["dec.0"]):
+            plain = fam.translate(demo_sources, "eng_Latn", "deu_Latn", dec)
+    finally:
+        fam.encoder_cache = cache
+    cache.clear()
+    for removed in (["dec.0"], ["dec.0"], ["dec.1"]):  # fills, hits, hits for another decoder-only set
+        with fam.apply(removed):
+            got = fam.translate(demo_sources, "eng_Latn", "deu_Latn", dec)
+        if removed == ["dec.0"]:
+            assert got == plain
+    assert cache.hits >= 2 * 3 and cache.misses == 3  # 3 batches (5, 5, 2 sources)
+    with fam.apply(["enc.0"]):  # an encoder unit removed: the cache is bypassed
+        fam.translate(demo_sources[:3], "eng_Latn", "deu_Latn", dec)
+    assert cache.misses == 3
+
+
+def test_kl_cache_equals_recomputation(fam, tiny_llama, demo_sources):
+    from cullmt_ray.config import ModelConfig
+    from cullmt_ray.families import load_family
+    from cullmt_ray.proxies import full_targets, kl_cached, kl_to_full
+
+    refs = demo_sources[::-1]
+    for family in (fam, load_family(ModelConfig(str(tiny_llama)))):
+        batches = [family.teacher_forced(demo_sources[i : i + 5], refs[i : i + 5], "eng_Latn", "deu_Latn")
+                   for i in range(0, len(demo_sources), 5)]
+        exact = [full_targets(family, b) for b in batches]
+        assert all(idx is None for _, idx in exact)  # small vocabulary: exact targets
+        topk = [full_targets(family, b, k=64) for b in batches]
+        for removed in ([family.units()[0]], family.units()[1:3]):
+            want = kl_to_full(family, batches, removed)
+            assert kl_cached(family, batches, exact, removed) == pytest.approx(want, rel=1e-6)
+            assert 0 <= kl_cached(family, batches, topk, removed) <= want * (1 + 1e-6)
+
+
+def test_a_race_chunk_decodes_as_the_full_evaluation(tiny_llama, demo_sources, tmp_path):
+    from cullmt_ray.config import ModelConfig
+    from cullmt_ray.data import load_devset
+    from cullmt_ray.evaluator import EvalSettings, EvaluatorActor
+    from cullmt_ray.metrics import Scorer
+
+    dev = load_devset(str(write_self_reference_devset(tiny_llama, tmp_path / "dev", demo_sources)))
+    d = ("eng_Latn", "deu_Latn")
+    actor = EvaluatorActor(ModelConfig(str(tiny_llama)), dev, EvalSettings(metrics=("spbleu", "bleu"), spm="reference", block=5),
+                           1, "t")
+    full = actor.evaluate(["layer.1"], [d])
+    chunks = [actor.sentence_stats(["layer.1"], d, s, min(s + 5, len(dev))) for s in range(0, len(dev), 5)]
+    hyps = [h for c in chunks for h in c["hyps"]]
+    assert Scorer(spm="reference", metrics=("spbleu", "bleu")).score(hyps, list(dev.lines["deu_Latn"])) == \
+        {m: full["metrics"][m]["eng_Latn-deu_Latn"] for m in ("spbleu", "bleu")}
+    stats = np.array([s for c in chunks for s in c["stats"]])
+    assert round(float(bleu_from_stats(stats.sum(axis=0))), 4) == full["metrics"]["spbleu"]["eng_Latn-deu_Latn"]
+
+
+@pytest.mark.parametrize("model", ["tiny_encdec", "tiny_llama"])
+def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_sources, tmp_path, request):
+    from cullmt_ray.search import run_search
+    from cullmt_ray.store import ResultStore
+
+    path = request.getfixturevalue(model)
+    dev = write_self_reference_devset(path, tmp_path / "dev", demo_sources)
+    runs = {}
+    for name, extra in (("plain", {}), ("race", {"search__racing": "true", "search__racing_chunk": 4})):
+        cfg = search_config(tmp_path / name, path, dev, search__threshold=5.0, **extra)
+        run = run_search(cfg)
+        runs[name] = (json.loads((run / "trace.json").read_text()), json.loads((run / "run.json").read_text()))
+    (plain, plain_info), (race, race_info) = runs["plain"], runs["race"]
+    assert race["final"] == plain["final"]
+    assert [(s["best_unit"], s["best_score"], s["accepted"]) for s in race["steps"]] == \
+        [(s["best_unit"], s["best_score"], s["accepted"]) for s in plain["steps"]]
+    assert race_info["racing"] and race_info["budget"]["sentences"] <= plain_info["budget"]["sentences"]
+    # raced-out candidates live in their own context; the calibration context holds full scores only
+    with ResultStore(tmp_path / "race" / "store.sqlite") as store:
+        full = {e.candidate for e in store.evaluations(race_info["context"])}
+        raced = [c for c in store.contexts() if "raced" in store.context_description(c)]
+        assert raced and not full & {e.candidate for e in store.evaluations(raced[0])}
+        assert all(e.sentences == len(demo_sources) for e in store.evaluations(race_info["context"]))
