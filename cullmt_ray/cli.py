@@ -361,7 +361,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         trace = json.loads((target / "trace.json").read_text()) if (target / "trace.json").exists() else None
         with ResultStore(args.store or cfg.output.store, read_only=True) as store:
             files = list(export_context(store, info["context"], Path(args.out or target),
-                                        f"{cfg.model.name} on {cfg.data.dev}", trace).values())
+                                        f"{cfg.model.name} on {cfg.data.dev}", trace, cfg.search.threshold).values())
     for f in files:
         print(f)
     return 0

@@ -91,7 +91,7 @@ def plot(all_df: pd.DataFrame, front_df: pd.DataFrame, baseline: Evaluation, pat
     if threshold is not None:
         ax.axhline(baseline.score - threshold, ls=":", c="tab:red", lw=1, label=f"threshold (-{threshold:g})")
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"{label or metric} (mean over calibration directions)")
+    ax.set_ylabel(f"{label or metric}\nmean over calibration directions", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

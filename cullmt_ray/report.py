@@ -83,7 +83,7 @@ def write_report(run_dir: Path, store, title: str) -> Path:
     front = run_dir / "pareto.csv"
     if front.is_file():
         cols = ["n_removed", "removed_units", "params", "score", "drop"]
-        parts.append(_table(pd.read_csv(front)[cols]))
+        parts.append(_table(pd.read_csv(front)[cols].fillna({"removed_units": "(none)"})))
     final = next((e for e in evals if e.candidate.units == run.get("final", {}).get("removed")), None)
     per = {m: {"baseline": {d: v for d, v in baseline.metrics[m].items()}} for m in baseline.metrics}
     if final is not None:
