@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .families.base import unit_sort_key
+from .units import unit_sort_key
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..units import unit_sort_key, unit_stack  # noqa: F401  (re-exported: families' public names)
+
 
 class FamilyError(ValueError):
     """A model or prune set a family cannot handle; one line naming the bad value."""
@@ -186,17 +188,3 @@ class ModelFamily(ABC):
                 "size": self.size(removed).__dict__, **(card or {})}
         (out / "cullmt_ray.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return out
-
-
-_STACK_ORDER = {"enc": 0, "dec": 1, "layer": 2}
-
-
-def unit_stack(unit: str) -> str:
-    """The prefix of the layer stack a unit belongs to (``enc.3`` -> ``enc``)."""
-    return unit.split(".", 1)[0]
-
-
-def unit_sort_key(unit: str) -> tuple:
-    """Model order: encoder before decoder, then numerically (``enc.2`` < ``enc.10`` < ``dec.0``)."""
-    parts = unit.split(".")
-    return (_STACK_ORDER.get(parts[0], 9), *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))

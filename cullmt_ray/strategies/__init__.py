@@ -3,6 +3,7 @@
 from .base import BaseStrategy, SearchSpace, StopRule, StrategyError
 from .beam import BeamStrategy
 from .evolutionary import EvolutionaryStrategy
+from .exhaustive import ExhaustiveStrategy
 from .greedy import GreedyStrategy
 from .optuna_multi import MOTPEStrategy, MultiObjectiveStrategy
 from .optuna_tpe import TPEStrategy
@@ -16,6 +17,7 @@ STRATEGIES: dict[str, type[BaseStrategy]] = {
     "tpe": TPEStrategy,
     "nsga2": MultiObjectiveStrategy,
     "motpe": MOTPEStrategy,
+    "exhaustive": ExhaustiveStrategy,
 }
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "BaseStrategy",
     "BeamStrategy",
     "EvolutionaryStrategy",
+    "ExhaustiveStrategy",
     "GreedyStrategy",
     "MOTPEStrategy",
     "MultiObjectiveStrategy",
