@@ -113,7 +113,7 @@ def _parse_removed(value, path: Path) -> Candidate:
 
 def load_table(path: str | Path, metric: str | None = None) -> Table:
     """Read a ground-truth Parquet table (pandas/pyarrow only); ``metric`` picks the score column
-    (default: the table's primary metric, else ``score``)."""
+    (default: the table's primary metric, else ``score``, else ``spbleu``)."""
     import pandas as pd
 
     path = Path(path)
@@ -126,7 +126,7 @@ def load_table(path: str | Path, metric: str | None = None) -> Table:
         raise TableError(f"--table {path}: not a readable Parquet file ({str(e).splitlines()[0][:100]})") from None
     meta = _metadata(path)
     missing = [c for c in REQUIRED if c not in df.columns]
-    metric = metric or meta.get("primary") or "score"
+    metric = metric or meta.get("primary") or ("score" if "score" in df.columns else "spbleu")
     if metric not in METRICS:
         raise TableError(f"metric={metric!r}: expected one of {', '.join(METRICS)}")
     if metric not in df.columns:
@@ -246,16 +246,25 @@ def evaluate_batch(table: Table, batch: list[Candidate], keep: float | None) -> 
 
 def replay(table: Table, variant: Variant | str, size: int, seed: int = 0, budget: int | None = None,
            batch: int = 4, threshold: float = 1e9) -> Replay:
-    """Run one strategy to ``size`` units removed (or its budget) with scores from ``table``."""
+    """Run one strategy to ``size`` units removed (or its budget) with scores from ``table``.
+
+    Without a KL stage the budget is the strategy's ``max_evaluations`` (distinct candidates asked),
+    as in the live driver; with one, it is a cost (decoded evaluations + ``table.proxy_cost`` per KL
+    evaluation) and asking stops once it is spent."""
     v = Variant.parse(variant)
-    stop = StopRule(threshold=threshold, target_removed=size, max_evaluations=budget)
+    staged = v.keep is not None
+    stop = StopRule(threshold=threshold, target_removed=size, max_evaluations=None if staged else budget)
     strategy = build_strategy(v.strategy, table.space, stop, seed, batch, v.options)
     told: list[tuple[Evaluation, bool, int]] = []
-    proxied = 0
-    while cands := strategy.ask():
+    proxied = decoded = 0
+    while not (staged and budget is not None and decoded + table.proxy_cost * proxied >= budget - EPS):
+        cands = strategy.ask()
+        if not cands:
+            break
         results = evaluate_batch(table, cands, v.keep)
         strategy.tell([e for e, _ in results])
-        proxied += len(cands) if v.keep is not None and len(cands) > 1 else 0
+        proxied += len(cands) if staged and len(cands) > 1 else 0
+        decoded += sum(full for _, full in results)
         told.extend((e, full, proxied) for e, full in results)
     return Replay(v.label, seed, size, told, len(strategy.asked), proxied, strategy.stop_reason, strategy.trace())
 
@@ -277,7 +286,8 @@ def run_stats(table: Table, run: Replay, budget: int) -> dict:
     opt = table.optimum(k)
     at_k = [e.score for e in full if len(e.candidate) == k]
     exact_hv = hypervolume(table.front(k), table.baseline.params)
-    hv = hypervolume([e for e in full[:budget]] + [table.baseline], table.baseline.params)
+    within = [e for i, e in enumerate(full, 1) if run.cost_at(i, table.proxy_cost) <= budget + EPS]
+    hv = hypervolume(within + [table.baseline], table.baseline.params)
     hit, near = _first(full, k, opt), _first(full, k, opt - 0.5)
     pc = table.proxy_cost
     return {"seed": run.seed, "best": max(at_k) if at_k else None, "regret": opt - max(at_k) if at_k else None,
@@ -401,9 +411,9 @@ def _fmt(x, nd: int = 2) -> str:
 def markdown(report: dict) -> str:
     sizes = [str(k) for k in report["sizes"]]
     meta = report.get("table_meta", {})
-    lines = [f"# Replay against the exact optimum: {meta.get('model', report['table'])}", "",
-             f"Table `{report['table']}`: {meta.get('sentences_per_direction', '?')} sentences x "
-             f"{len(meta.get('eval', {}).get('directions', [])) or '?'} directions; metric {report['metric']}, "
+    lines = [f"# Replay against the exact optimum: {meta.get('model') or report['table']}", "",
+             f"Table `{report['table']}`: {meta.get('sentences_per_direction') or '?'} sentences x "
+             f"{len((meta.get('eval') or {}).get('directions', [])) or '?'} directions; metric {report['metric']}, "
              f"baseline {report['baseline']['score']:.2f}. {report['seeds']} seeds per strategy and size; "
              f"budget {'greedy' if report['budget'] is None else report['budget']}'s evaluations "
              f"(greedy: {', '.join(f'{k}: {b}' for k, b in report['greedy_budget'].items())}); batch {report['batch']}.",

@@ -5,6 +5,7 @@ from .beam import BeamStrategy
 from .evolutionary import EvolutionaryStrategy
 from .exhaustive import ExhaustiveStrategy
 from .greedy import GreedyStrategy
+from .hybrid import HybridStrategy
 from .optuna_multi import MOTPEStrategy, MultiObjectiveStrategy
 from .optuna_tpe import TPEStrategy
 from .random_search import RandomStrategy
@@ -18,6 +19,7 @@ STRATEGIES: dict[str, type[BaseStrategy]] = {
     "nsga2": MultiObjectiveStrategy,
     "motpe": MOTPEStrategy,
     "exhaustive": ExhaustiveStrategy,
+    "hybrid": HybridStrategy,
 }
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "EvolutionaryStrategy",
     "ExhaustiveStrategy",
     "GreedyStrategy",
+    "HybridStrategy",
     "MOTPEStrategy",
     "MultiObjectiveStrategy",
     "RandomStrategy",
