@@ -211,26 +211,23 @@ class Variant:
 
 @dataclass
 class Replay:
-    """One replayed run: every evaluation told, in order, as (evaluation, decoded, KL evaluations so far);
-    ``decoded`` is False for a candidate the KL stage dropped."""
+    """One replayed run. ``told`` holds every evaluation told, in order, as (evaluation, decoded,
+    decoded and KL evaluations spent when its batch finished); ``decoded`` is False for a candidate
+    the KL stage dropped. A batch is spent as a whole: the strategy learns its results together."""
 
     variant: str
     seed: int
     size: int
-    told: list[tuple[Evaluation, bool, int]]
+    told: list[tuple[Evaluation, bool, int, int]]
     asked: int
     proxied: int  # candidates scored by the KL stage (decoded afterwards or not)
     stop_reason: str
     trace: dict
 
     @property
-    def full(self) -> list[Evaluation]:
-        return [e for e, full, _ in self.told if full]
-
-    def cost_at(self, i: int, proxy_cost: float) -> float:
-        """Cost, in decoded evaluations, of the first ``i`` decoded ones (with the KL stage's share)."""
-        j = [t for t in self.told if t[1]][i - 1][2]
-        return round(i + proxy_cost * j, 2)
+    def full(self) -> list[tuple[Evaluation, int, int]]:
+        """Decoded evaluations with what was spent when each one's batch finished."""
+        return [(e, d, p) for e, full, d, p in self.told if full]
 
 
 def evaluate_batch(table: Table, batch: list[Candidate], keep: float | None) -> list[tuple[Evaluation, bool]]:
@@ -255,7 +252,7 @@ def replay(table: Table, variant: Variant | str, size: int, seed: int = 0, budge
     staged = v.keep is not None
     stop = StopRule(threshold=threshold, target_removed=size, max_evaluations=None if staged else budget)
     strategy = build_strategy(v.strategy, table.space, stop, seed, batch, v.options)
-    told: list[tuple[Evaluation, bool, int]] = []
+    told: list[tuple[Evaluation, bool, int, int]] = []
     proxied = decoded = 0
     while not (staged and budget is not None and decoded + table.proxy_cost * proxied >= budget - EPS):
         cands = strategy.ask()
@@ -265,36 +262,37 @@ def replay(table: Table, variant: Variant | str, size: int, seed: int = 0, budge
         strategy.tell([e for e, _ in results])
         proxied += len(cands) if staged and len(cands) > 1 else 0
         decoded += sum(full for _, full in results)
-        told.extend((e, full, proxied) for e, full in results)
+        told.extend((e, full, decoded, proxied) for e, full in results)
     return Replay(v.label, seed, size, told, len(strategy.asked), proxied, strategy.stop_reason, strategy.trace())
 
 
 # --- the seeds study ---------------------------------------------------------------------------
 
 
-def _first(evals: list[Evaluation], size: int, score: float) -> int | None:
-    """1-based index of the first evaluation of ``size`` units scoring at least ``score``."""
-    for i, e in enumerate(evals, 1):
+def _first(full: list[tuple[Evaluation, int, int]], size: int, score: float, proxy_cost: float
+           ) -> tuple[int, float] | tuple[None, None]:
+    """(decoded evaluations, cost) spent when a set of ``size`` units scoring >= ``score`` was first seen."""
+    for e, decoded, proxied in full:
         if len(e.candidate) == size and e.score >= score - EPS:
-            return i
-    return None
+            return decoded, round(decoded + proxy_cost * proxied, 2)
+    return None, None
 
 
 def run_stats(table: Table, run: Replay, budget: int) -> dict:
     """Regret, evaluations to the optimum / to within 0.5 points, hypervolume fraction of one run."""
-    k, full = run.size, run.full
+    k, pc = run.size, table.proxy_cost
+    full = run.full
     opt = table.optimum(k)
-    at_k = [e.score for e in full if len(e.candidate) == k]
+    at_k = [e.score for e, _, _ in full if len(e.candidate) == k]
     exact_hv = hypervolume(table.front(k), table.baseline.params)
-    within = [e for i, e in enumerate(full, 1) if run.cost_at(i, table.proxy_cost) <= budget + EPS]
+    within = [e for e, d, p in full if d + pc * p <= budget + EPS]
     hv = hypervolume(within + [table.baseline], table.baseline.params)
-    hit, near = _first(full, k, opt), _first(full, k, opt - 0.5)
-    pc = table.proxy_cost
+    hit, hit_cost = _first(full, k, opt, pc)
+    near, near_cost = _first(full, k, opt - 0.5, pc)
     return {"seed": run.seed, "best": max(at_k) if at_k else None, "regret": opt - max(at_k) if at_k else None,
-            "to_optimum": hit, "to_within_0.5": near, "cost_to_optimum": run.cost_at(hit, pc) if hit else None,
-            "cost_to_within_0.5": run.cost_at(near, pc) if near else None,
+            "to_optimum": hit, "to_within_0.5": near, "cost_to_optimum": hit_cost, "cost_to_within_0.5": near_cost,
             "full_evaluations": len(full), "proxy_evaluations": run.proxied, "asked": run.asked,
-            "cost": round(len(full) + table.proxy_cost * run.proxied, 3),
+            "cost": round(len(full) + pc * run.proxied, 3),
             "hv_fraction": hv / exact_hv if exact_hv > 0 else None}
 
 
@@ -384,18 +382,24 @@ def run_study(table: Table, variants: list[Variant], seeds: int, sizes: list[int
 
 
 def target_check(report: dict, max_size: int = 4) -> dict:
-    """Issue 16's target per variant: at every size <= ``max_size``, the median seed finds the exact
-    optimum with <= 50% of greedy's evaluations, and the front reaches >= 99% of the exact front's
-    hypervolume at greedy's budget (median over seeds)."""
+    """Issue 16's target per variant: at every size <= ``max_size`` the median seed finds the exact
+    optimum with <= 50% of greedy's evaluations, and its front reaches >= 99% of the exact front's
+    hypervolume at greedy's budget (median over seeds). Evaluations are counted twice: decoded ones
+    only (the project's full-evaluation equivalents: a KL pass generates no sentence), and as cost
+    (decoded + the KL stage's share by wall time)."""
     out = {}
     for label, res in report["results"].items():
         sizes = {k: s for k, s in res["sizes"].items() if int(k) <= max_size}
-        opt = {k: s["cost_to_optimum"]["fraction_of_greedy"] for k, s in sizes.items()}
+        decoded = {k: s["to_optimum"]["fraction_of_greedy"] for k, s in sizes.items()}
+        cost = {k: s["cost_to_optimum"]["fraction_of_greedy"] for k, s in sizes.items()}
         hv = {k: s["hv_fraction"]["median"] for k, s in sizes.items()}
-        out[label] = {"optimum_within_half_of_greedy": all(f is not None and f <= 0.5 for f in opt.values()),
-                      "hv_99": all(h is not None and h >= 0.99 for h in hv.values()),
-                      "fraction_of_greedy": opt, "hv_fraction": hv}
-        out[label]["met"] = out[label]["optimum_within_half_of_greedy"] and out[label]["hv_99"]
+        half = lambda f: all(x is not None and x <= 0.5 for x in f.values())  # noqa: E731
+        t = {"optimum_within_half_decoded": half(decoded), "optimum_within_half_cost": half(cost),
+             "hv_99": all(h is not None and h >= 0.99 for h in hv.values()),
+             "fraction_of_greedy_decoded": decoded, "fraction_of_greedy_cost": cost, "hv_fraction": hv}
+        t["met_decoded"] = t["optimum_within_half_decoded"] and t["hv_99"]
+        t["met"] = t["optimum_within_half_cost"] and t["hv_99"]
+        out[label] = t
     return out
 
 
@@ -462,10 +466,13 @@ def markdown(report: dict) -> str:
                      f"{'yes' if g['optima_nested'] else 'no'} |")
     lines += ["", "## Target (every size <= 4: median seed finds the optimum with <= 50% of greedy's evaluations, "
               "and >= 99% of the exact front's hypervolume at greedy's budget)", ""]
+    lines += ["| strategy | met (cost incl. KL time) | met (decoded only) | optimum: cost / greedy's | "
+              "optimum: decoded / greedy's | HV fraction |", "|---|---|---|---|---|---|"]
     for label, t in report["target"].items():
-        lines.append(f"- {label}: {'met' if t['met'] else 'missed'} (optimum within half of greedy: "
-                     f"{t['optimum_within_half_of_greedy']}, {t['fraction_of_greedy']}; HV >= 99%: {t['hv_99']}, "
-                     f"{ {k: round(v, 3) if v is not None else None for k, v in t['hv_fraction'].items()} })")
+        f = lambda d: ", ".join(f"{k}: {_fmt(v)}" for k, v in d.items())  # noqa: E731
+        lines.append(f"| {label} | {'yes' if t['met'] else 'no'} | {'yes' if t['met_decoded'] else 'no'} | "
+                     f"{f(t['fraction_of_greedy_cost'])} | {f(t['fraction_of_greedy_decoded'])} | "
+                     f"{', '.join(f'{k}: {_fmt(v, 3)}' for k, v in t['hv_fraction'].items())} |")
     lines += ["", "![replay](replay.png)", ""]
     return "\n".join(lines)
 

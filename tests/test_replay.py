@@ -57,7 +57,7 @@ def test_exhaustive_asks_exactly_the_allowed_sets(table_path: Path) -> None:
     table = load_table(table_path)
     assert table.complete_sizes() == [1, 2, 3, 4]
     run = replay(table, "exhaustive", 4)
-    asked = [e.candidate for e, _, _ in run.told]
+    asked = [t[0].candidate for t in run.told]
     assert len(asked) == len(set(asked)) == len(table.rows) - 1 == 6 + 15 + 18 + 9
     assert set(asked) == set(table.rows) - {BASELINE}
     assert all(table.space.allows(c) for c in asked)
@@ -68,8 +68,8 @@ def test_replay_is_deterministic_per_seed(table_path: Path) -> None:
     table = load_table(table_path)
     for name in ("random", "evolutionary", "tpe", "nsga2", "hybrid", "greedy+kl=0.5"):
         a, b = replay(table, name, 3, seed=3, budget=12), replay(table, name, 3, seed=3, budget=12)
-        assert [e.candidate for e, _, _ in a.told] == [e.candidate for e, _, _ in b.told], name
-    runs = {tuple(e.candidate for e, _, _ in replay(table, "random", 3, seed=s, budget=6).told) for s in range(4)}
+        assert [t[0].candidate for t in a.told] == [t[0].candidate for t in b.told], name
+    runs = {tuple(t[0].candidate for t in replay(table, "random", 3, seed=s, budget=6).told) for s in range(4)}
     assert len(runs) > 1
 
 
@@ -105,7 +105,7 @@ def test_hybrid_finds_the_planted_optimum_greedy_misses(table_path: Path) -> Non
     greedy, hybrid = replay(table, "greedy", 2), replay(table, "hybrid", 2)
     assert greedy.trace["final"] == ["enc.1", "dec.1"]
     assert hybrid.trace["final"] == ["enc.2", "dec.1"]
-    assert max(e.score for e in hybrid.full if len(e.candidate) == 2) == pytest.approx(table.optimum(2))
+    assert max(e.score for e, _, _ in hybrid.full if len(e.candidate) == 2) == pytest.approx(table.optimum(2))
 
 
 def test_run_replay_writes_the_report(tmp_path: Path, table_path: Path) -> None:
