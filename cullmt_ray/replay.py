@@ -361,7 +361,8 @@ def run_study(table: Table, variants: list[Variant], seeds: int, sizes: list[int
     report = {"table": str(table.path), "metric": table.metric, "seeds": seeds, "sizes": sizes, "batch": batch,
               "baseline": {"score": table.baseline.score, "params": table.baseline.params},
               "greedy_budget": {str(k): b for k, b in budgets.items()},
-              "budget": budget, "proxy_cost": table.proxy_cost, "optima": {}, "results": {}, "runs": {}}
+              "budget": budget, "proxy_cost": table.proxy_cost, "optima": {}, "results": {},
+              "runs": {}}  # per variant and size: per-seed regret, evaluations and cost to the optimum, HV fraction
     for k in sizes:
         report["optima"][str(k)] = {"score": round(table.optimum(k), 4),
                                     "sets": [c.units for c in table.optimal_sets(k)][:3],
@@ -374,7 +375,9 @@ def run_study(table: Table, variants: list[Variant], seeds: int, sizes: list[int
             rows = [run_stats(table, replay(table, v, k, seed, spend, batch), spend)
                     for seed in range(seeds)]
             report["results"][v.label]["sizes"][str(k)] = aggregate(rows, budgets[k])
-            report["runs"].setdefault(v.label, {})[str(k)] = rows
+            report["runs"].setdefault(v.label, {})[str(k)] = {
+                key: [None if r[key] is None else round(r[key], 4) for r in rows]
+                for key in ("regret", "to_optimum", "cost_to_optimum", "hv_fraction")}
         log(f"[replay] {v.label}: {seeds} seeds x sizes {sizes} in {time.time() - t0:.1f} s")
     report["greedy_analysis"] = greedy_analysis(table, max(sizes), batch)
     report["target"] = target_check(report)

@@ -139,3 +139,27 @@ def test_shipped_tables_load_with_pandas_alone(name: str) -> None:
     assert set(meta["complete_sizes"]) >= ({1, 2, 3, 4, 5} if name == "llama" else {1, 2, 3, 4})
     assert {"removed", "n_removed", "params", "bytes", "spbleu", "chrf++", "kl"} <= set(df.columns)
     assert path.stat().st_size < 1_000_000
+
+
+def test_hybrid_reaches_the_target_size_within_greedys_budget(table_path: Path) -> None:
+    table = load_table(table_path)
+    for k in (2, 3, 4):
+        budget = replay(table, "greedy", k).asked
+        run = replay(table, "hybrid", k, budget=budget)
+        assert run.asked <= budget and run.trace["final"] and len(run.trace["final"]) == k
+
+
+def test_compare_seeds_aggregates_per_strategy() -> None:
+    from cullmt_ray.compare_seeds import aggregate, markdown
+
+    def report(best: float, hv: float, hit: int | None) -> dict:
+        return {"target_removed": 2, "strategies": [
+            {"strategy": "greedy", "best_by_size": {"2": 30.0}, "hypervolume_at_budget": 7.0, "computed": 5},
+            {"strategy": "tpe", "best_by_size": {"2": best}, "hypervolume_at_budget": hv, "computed": 3,
+             "evaluations_to_match_greedy": hit}]}
+
+    out = aggregate([report(29.0, 6.0, None), report(30.5, 8.0, 4), report(30.0, 7.0, 6)])
+    assert out["tpe"]["best_at_size"]["median"] == 30.0 and out["tpe"]["matched_greedy"] == 2
+    assert out["tpe"]["evaluations_to_match_greedy"]["median"] == 5 and out["greedy"]["computed"] == 15
+    text = markdown({"model": "m", "seeds": 3, "target_removed": 2, "budget": 5, "strategies": out})
+    assert "| tpe | 30.0 [29.5, 30.25]" in text

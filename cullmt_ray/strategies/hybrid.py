@@ -50,11 +50,31 @@ class HybridStrategy(BaseStrategy):
 
     # --- predictions -----------------------------------------------------------------------
 
-    def _predict(self, c: Candidate) -> float:
-        """Locally additive: from the best scored subset/neighbour of the current set."""
-        base = self._scores.get(self.current, self.space.baseline_score)
-        added, dropped = c.removed - self.current.removed, self.current.removed - c.removed
-        return base - sum(self._harm.get(u, 1e9) for u in added) + sum(self._harm.get(u, 0.0) for u in dropped)
+    def _predict(self, c: Candidate, base: Candidate | None = None) -> float:
+        """Locally additive from a scored set ``base`` (default: the current set)."""
+        base = self.current if base is None else base
+        score = self._scores.get(base, self.space.baseline_score)
+        added, dropped = c.removed - base.removed, base.removed - c.removed
+        return score - sum(self._harm.get(u, 1e9) for u in added) + sum(self._harm.get(u, 0.0) for u in dropped)
+
+    def _mix_swaps(self) -> list[Candidate]:
+        """For each other stack mix of the current size, the best-predicted swap within a stack of its
+        best scored set (same parameter count: it can only raise that point of the front)."""
+        size = len(self.current)
+        best: dict[tuple, Candidate] = {}
+        for c, sc in self._scores.items():
+            if len(c) == size and sc > self._scores.get(best.get(_mix_of(c)), float("-inf")):
+                best[_mix_of(c)] = c
+        out = []
+        for mix, c in best.items():
+            if mix == _mix_of(self.current):
+                continue
+            options = [Candidate((c.removed - {a}) | {b}) for a in c.removed for b in self.space.removable
+                       if b not in c.removed and unit_stack(a) == unit_stack(b)]
+            fresh = [o for o in options if o not in self.asked and self.space.allows(o)]
+            if fresh:
+                out.append(max(fresh, key=lambda o: self._predict(o, c)))
+        return out
 
     def _top(self, options: list[Candidate], n: int) -> list[Candidate]:
         fresh = [c for c in dict.fromkeys(options) if c not in self.asked and self.space.allows(c)]
@@ -82,21 +102,34 @@ class HybridStrategy(BaseStrategy):
                 ext = [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed]
                 want = self._top(ext, 0 if not self._harm else self.extend)
                 if self._harm and self.mix:
-                    want += [c for c in self._top(self._mixes(size), 0) if c not in want]
+                    extra = [c for c in self._top(self._mixes(size), 0) if c not in want]
+                    want += extra[: self._spare(size)]
             else:
                 units = [u for u in self.space.removable if u not in self.current.removed]
                 want = self._top([Candidate((self.current.removed - {a}) | {b})
                                   for a in self.current.removed for b in units], self.swaps)
+                if self.mix:
+                    want += [c for c in self._mix_swaps() if c not in want]
+                want = want[: self._spare(size - 1)]
             out = self._take(want)
             if out:
                 return out
-            if self.budget_left == 0:
-                self.stop_reason = "budget spent"
-            elif self._phase == "extend":
-                self.stop_reason = "no removable unit left"
+            if self._phase == "polish":
+                self._size_done()  # nothing (affordable) left to swap: this size is done
             else:
-                self._size_done()
+                self.stop_reason = "budget spent" if self.budget_left == 0 else "no removable unit left"
         return []
+
+    def _spare(self, size: int) -> int:
+        """Budget left for mixes and swaps once the extensions to the target size are set aside."""
+        if self.budget_left is None or self.stop.target_removed is None:
+            return 1 << 30
+        n = len(self.space.removable)
+        steps = range(size, self.stop.target_removed)  # extensions still to come after this size
+        need = sum(n - k if self.extend == 0 else min(self.extend, n - k) for k in steps)
+        return max(0, self.budget_left - need - (0 if self._phase == "polish" else len(self._top(
+            [self.current.with_removed(u) for u in self.space.removable if u not in self.current.removed],
+            self.extend))))
 
     def tell(self, results: list[Evaluation]) -> None:
         self._record(results)
@@ -115,7 +148,7 @@ class HybridStrategy(BaseStrategy):
             else:
                 self._size_done()
             return
-        best = max(results, key=lambda e: (e.score, -e.params))
+        best = max(results, key=lambda e: (e.score, -e.params))  # mix swaps only count for the front
         moved = best.score > self._best.score
         self._step("polish", best, len(results), moved)
         self._rounds_left -= 1
@@ -147,3 +180,11 @@ class HybridStrategy(BaseStrategy):
     def trace(self) -> dict:
         return {**super().trace(), "final": self.final, "steps": self.steps,
                 "options": {"extend": self.extend, "swaps": self.swaps, "rounds": self.rounds, "mix": self.mix}}
+
+
+def _mix_of(c: Candidate) -> tuple:
+    """How many units of each stack a set removes (its parameter count, for a dense model)."""
+    counts: dict[str, int] = {}
+    for u in c.removed:
+        counts[unit_stack(u)] = counts.get(unit_stack(u), 0) + 1
+    return tuple(sorted(counts.items()))
