@@ -490,28 +490,31 @@ def plot(report: dict, path: Path) -> Path:
     from .atomic import save_figure
 
     sizes = report["sizes"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6), dpi=110)
     n = len(report["results"])
+    colors = plt.get_cmap("tab20").colors
     for i, (label, res) in enumerate(report["results"].items()):
-        xs = [k + (i - (n - 1) / 2) * 0.08 for k in sizes]
+        style = {"color": colors[i % len(colors)], "ls": "--" if "+kl" in label else "-", "label": label}
+        xs = [k + (i - (n - 1) / 2) * 0.5 / max(n, 1) for k in sizes]
         r = [res["sizes"][str(k)]["regret"] for k in sizes]
         med = [x["median"] if x["median"] is not None else float("nan") for x in r]
         lo = [m - x["q25"] if x["median"] is not None else 0 for m, x in zip(med, r)]
         hi = [x["q75"] - m if x["median"] is not None else 0 for m, x in zip(med, r)]
-        a.errorbar(xs, med, yerr=[lo, hi], marker="o", ms=4, capsize=2, label=label)
+        a.errorbar(xs, med, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1, **style)
         f = [res["sizes"][str(k)]["cost_to_optimum"]["fraction_of_greedy"] for k in sizes]
-        b.plot(sizes, [x if x is not None else float("nan") for x in f], "-o", ms=4, label=label)
+        b.plot(sizes, [x if x is not None else float("nan") for x in f], marker="o", ms=3, lw=1, **style)
     a.set_xlabel("units removed")
     a.set_ylabel(f"regret vs exact optimum ({report['metric']} points)")
     a.set_title("median regret over seeds (IQR)", fontsize=10)
-    b.axhline(0.5, c="0.5", ls="--", lw=1)
+    b.axhline(0.5, c="0.5", ls=":", lw=1)
     b.set_xlabel("units removed")
-    b.set_ylabel("median evaluations to the optimum / greedy's")
-    b.set_title("cost of finding the exact optimum (missing: median seed never does)", fontsize=10)
+    b.set_ylabel("median cost to the optimum / greedy's budget")
+    b.set_title("cost of finding the exact optimum (gaps: the median seed never does)", fontsize=10)
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.set_xticks(sizes)
-    a.legend(fontsize=7)
+    b.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     save_figure(fig, path)
     return path
 
