@@ -163,3 +163,16 @@ def test_compare_seeds_aggregates_per_strategy() -> None:
     assert out["tpe"]["evaluations_to_match_greedy"]["median"] == 5 and out["greedy"]["computed"] == 15
     text = markdown({"model": "m", "seeds": 3, "target_removed": 2, "budget": 5, "strategies": out})
     assert "| tpe | 30.0 [29.5, 30.25]" in text
+
+
+def test_hybrid_without_a_target_stops_at_the_threshold(table_path: Path) -> None:
+    from cullmt_ray.replay import build_strategy
+    from cullmt_ray.strategies import StopRule
+
+    table = load_table(table_path)
+    strategy = build_strategy("hybrid", table.space, StopRule(threshold=1.0), options={"extend": 2})
+    while batch := strategy.ask():
+        strategy.tell([table.evaluate(c) for c in batch])
+    trace = strategy.trace()
+    assert trace["final"] == ["enc.2", "dec.1"]  # the planted pair (drop 0.8); any third unit drops > 1 point
+    assert "threshold" in trace["stop_reason"]
