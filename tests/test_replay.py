@@ -176,3 +176,15 @@ def test_hybrid_without_a_target_stops_at_the_threshold(table_path: Path) -> Non
     trace = strategy.trace()
     assert trace["final"] == ["enc.2", "dec.1"]  # the planted pair (drop 0.8); any third unit drops > 1 point
     assert "threshold" in trace["stop_reason"]
+
+
+def test_kl_stage_variants_skip_sizes_without_kl(tmp_path: Path, table_path: Path) -> None:
+    df = pd.read_parquet(table_path)
+    df.loc[df["n_removed"] == 3, "kl"] = None
+    partial = tmp_path / "partial.parquet"
+    df.to_parquet(partial, index=False)
+    out = run_replay(partial, ["greedy+kl=0.5"], seeds=2, sizes=[2, 3], out_dir=tmp_path / "p", log=lambda _: None)
+    report = json.loads((out / "replay.json").read_text())
+    sizes = report["results"]["greedy+kl=0.5"]["sizes"]
+    assert sizes["2"]["seeds"] == 2 and sizes["3"]["skipped"]
+    assert report["target"]["greedy+kl=0.5"]["sizes_judged"] == [2] and not report["target"]["greedy+kl=0.5"]["met"]
