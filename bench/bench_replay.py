@@ -26,12 +26,13 @@ OPTIONS = {"beam": {"width": 3}, "tpe": {"n_startup_trials": 6}, "nsga2": {"popu
 def variants(keeps: list[float]) -> list:
     """The live strategies as configured for compare, then hybrid options and KL-stage variants."""
     out: list = ["greedy", "beam", "evolutionary", "tpe", "nsga2", "motpe", "random", "hybrid",
-                 {"label": "hybrid(extend=2,swaps=2)", "strategy": "hybrid", "options": {"extend": 2, "swaps": 2}},
-                 {"label": "hybrid(extend=4,swaps=4)", "strategy": "hybrid", "options": {"extend": 4, "swaps": 4}},
+                 {"label": "hybrid(polish every size)", "strategy": "hybrid", "options": {"polish_all": True}},
+                 {"label": "hybrid(extend=3,swaps=3,rounds=2)", "strategy": "hybrid",
+                  "options": {"extend": 3, "swaps": 3, "rounds": 2}},
                  {"label": "hybrid(no mix)", "strategy": "hybrid", "options": {"mix": False}},
                  {"label": "hybrid(extend=all)", "strategy": "hybrid", "options": {"extend": 0}}]
     for keep in keeps:
-        out += [f"greedy+kl={keep}", f"hybrid+kl={keep}", f"evolutionary+kl={keep}"]
+        out += [f"greedy+kl={keep}", f"hybrid+kl={keep}"]
     return out
 
 

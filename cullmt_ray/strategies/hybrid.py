@@ -33,11 +33,11 @@ from .base import BaseStrategy, StrategyError
 @dataclass
 class HybridStrategy(BaseStrategy):
     name: str = "hybrid"
-    extend: int = 3  # best-predicted extensions scored per size (0: every extension, as greedy)
-    swaps: int = 3  # best-predicted swaps scored per polish round (0: no polish)
-    rounds: int = 2  # polish rounds per size
+    extend: int = 2  # best-predicted extensions scored per size (0: every extension, as greedy)
+    swaps: int = 2  # best-predicted swaps scored per polish round (0: no polish)
+    rounds: int = 1  # polish rounds per size
     mix: bool = True  # also score the predicted best set of every stack mix of each size
-    polish_all: bool = True  # polish every size (False: only the target size, when there is one)
+    polish_all: bool = False  # polish every size (False: only the target size, when there is one)
     current: Candidate = BASELINE
     steps: list[dict] = field(default_factory=list)
     final: list[str] = field(default_factory=list)  # the best set of the last size within the threshold
