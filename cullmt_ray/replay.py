@@ -203,17 +203,20 @@ class Variant:
     strategy: str
     options: dict = field(default_factory=dict)
     keep: float | None = None
+    proxy_cost: float | None = None  # a KL evaluation in decoded ones (None: the table's seconds ratio)
 
     @classmethod
     def parse(cls, spec: str | dict | Variant, options: dict | None = None) -> Variant:
-        """``"greedy"``, ``"greedy+kl=0.25"`` (KL stage keeping 25%), or a dict of the fields."""
+        """``"greedy"``, ``"greedy+kl=0.25"`` (KL stage keeping 25%), ``"greedy+kl=0.25/free"`` (the
+        KL stage costs nothing: budgets in decoded evaluations only), or a dict of the fields."""
         if isinstance(spec, Variant):
             return spec
         if isinstance(spec, dict):
             return cls(**{"label": spec.get("label") or spec["strategy"], **spec})
         name, _, stage = spec.partition("+kl=")
+        stage, _, free = stage.partition("/")
         opts = dict((options or {}).get(spec) or (options or {}).get(name) or {})
-        return cls(spec, name, opts, float(stage) if stage else None)
+        return cls(spec, name, opts, float(stage) if stage else None, 0.0 if free == "free" else None)
 
 
 @dataclass
@@ -230,6 +233,7 @@ class Replay:
     proxied: int  # candidates scored by the KL stage (decoded afterwards or not)
     stop_reason: str
     trace: dict
+    proxy_cost: float = 0.0  # a KL evaluation in decoded ones, as this run counted it
 
     @property
     def full(self) -> list[tuple[Evaluation, int, int]]:
@@ -261,7 +265,8 @@ def replay(table: Table, variant: Variant | str, size: int, seed: int = 0, budge
     strategy = build_strategy(v.strategy, table.space, stop, seed, batch, v.options)
     told: list[tuple[Evaluation, bool, int, int]] = []
     proxied = decoded = 0
-    while not (staged and budget is not None and decoded + table.proxy_cost * proxied >= budget - EPS):
+    pc = table.proxy_cost if v.proxy_cost is None else v.proxy_cost
+    while not (staged and budget is not None and decoded + pc * proxied >= budget - EPS):
         cands = strategy.ask()
         if not cands:
             break
@@ -270,7 +275,7 @@ def replay(table: Table, variant: Variant | str, size: int, seed: int = 0, budge
         proxied += len(cands) if staged and len(cands) > 1 else 0
         decoded += sum(full for _, full in results)
         told.extend((e, full, decoded, proxied) for e, full in results)
-    return Replay(v.label, seed, size, told, len(strategy.asked), proxied, strategy.stop_reason, strategy.trace())
+    return Replay(v.label, seed, size, told, len(strategy.asked), proxied, strategy.stop_reason, strategy.trace(), pc)
 
 
 # --- the seeds study ---------------------------------------------------------------------------
@@ -287,7 +292,7 @@ def _first(full: list[tuple[Evaluation, int, int]], size: int, score: float, pro
 
 def run_stats(table: Table, run: Replay, budget: int) -> dict:
     """Regret, evaluations to the optimum / to within 0.5 points, hypervolume fraction of one run."""
-    k, pc = run.size, table.proxy_cost
+    k, pc = run.size, run.proxy_cost
     full = run.full
     opt = table.optimum(k)
     at_k = [e.score for e, _, _ in full if len(e.candidate) == k]
@@ -462,7 +467,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## Cost to the optimum / to within 0.5 points: median over seeds (a miss counts as never; "
               "'-' when half the seeds miss), seeds that got there, and the median as a fraction of greedy's budget",
               "", f"Cost = decoded evaluations + {report['proxy_cost']} x KL-stage evaluations (the table's seconds "
-              "ratio); without a KL stage it is the number of decoded evaluations.", "",
+              "ratio; 0 for variants marked /free); without a KL stage it is the number of decoded evaluations.", "",
               "| strategy | " + " | ".join(f"@{k} optimum | @{k} within 0.5" for k in sizes) + " |",
               "|---" * (2 * len(sizes) + 1) + "|"]
     for label, res in report["results"].items():
