@@ -378,7 +378,7 @@ def run_study(table: Table, variants: list[Variant], seeds: int, sizes: list[int
               batch: int = 4, log: Callable[[str], None] = print) -> dict:
     """N seeds x variants x sizes -> per variant and size: regret, evaluations to the optimum, HV."""
     budgets = greedy_budgets(table, sizes, batch)
-    report = {"table": str(table.path), "metric": table.metric, "seeds": seeds, "sizes": sizes, "batch": batch,
+    report = {"table": _shown(table.path), "metric": table.metric, "seeds": seeds, "sizes": sizes, "batch": batch,
               "baseline": {"score": table.baseline.score, "params": table.baseline.params},
               "greedy_budget": {str(k): b for k, b in budgets.items()},
               "budget": budget, "proxy_cost": table.proxy_cost, "optima": {}, "results": {},
@@ -405,6 +405,14 @@ def run_study(table: Table, variants: list[Variant], seeds: int, sizes: list[int
     report["greedy_analysis"] = greedy_analysis(table, max(sizes), batch)
     report["target"] = target_check(report)
     return report
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def target_check(report: dict, max_size: int = 4) -> dict:
