@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cullmt_ray.candidate import BASELINE, Candidate  # noqa: E402
+from cullmt_ray.candidate import BASELINE  # noqa: E402
 from cullmt_ray.config import SearchRunConfig, load_config  # noqa: E402
 from cullmt_ray.strategies import SearchSpace  # noqa: E402
 from cullmt_ray.strategies.exhaustive import allowed_sets  # noqa: E402
