@@ -28,6 +28,7 @@ examples:
   cullmt-ray search --strategy beam --set search.options.beam.width=4 --target-removed 3
   cullmt-ray search --resume results/runs/demo-dense-20261123-181700
   cullmt-ray compare --strategies greedy,beam,evolutionary,tpe,nsga2,random --target-removed 3
+  cullmt-ray compare --table results/bench/ground_truth/dense.parquet --seeds 30 --strategies greedy,hybrid,tpe
   cullmt-ray calibrate --calibration from-english --calibration to-english --target-removed 3
   cullmt-ray evaluate --remove enc.3,dec.1            # score one prune set against the baseline
   cullmt-ray evaluate --dev ../shared/data/multi30k --split test_2016_flickr --max-sentences all
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "are reused, and the report counts the work of every attempt")
     c.add_argument("--accept-config-changes", action="store_true",
                    help="with --resume: go on although the folder's config.yaml was edited since it started")
+    c.add_argument("--seeds", type=int, default=1, help="run the comparison once per search.seed 0..N-1 and report "
+                                                         "median/IQR per strategy (live models; with --table: replay)")
+    c.add_argument("--table", metavar="FILE", help="replay the strategies against a ground-truth table (Parquet, e.g. "
+                                                  "results/bench/ground_truth/dense.parquet) instead of a model: "
+                                                  "regret vs the exact optimum over --seeds seeds, in seconds")
+    c.add_argument("--sizes", help="with --table: comma-separated prune-set sizes to study (default: the table's, up to 4)")
     k = sub.add_parser("calibrate", help="search once per calibration choice; score every result on all directions",
                        description="Run the strategy once per calibration choice (the directions candidates are "
                                    "scored on) and score each chosen prune set on all configured directions; write "
@@ -255,6 +262,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          f"comma-separated list of {', '.join(_strategy_names())}")
     if args.budget is not None and args.budget < 1:
         raise ValueError(f"--budget={args.budget}: expected a positive number of evaluations")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}: expected at least 1")
+    if args.table:
+        from .replay import run_replay
+
+        try:
+            sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
+        except ValueError:
+            raise ValueError(f"--sizes {args.sizes!r}: expected comma-separated numbers, e.g. 1,2,3,4") from None
+        cfg = load_config(args.config, _overrides(args))
+        out = Path(args.output or cfg.output.dir) / f"{args.name or 'replay'}-{Path(args.table).stem}"
+        run_replay(args.table, names, seeds=args.seeds, budget=args.budget, sizes=sizes, out_dir=out,
+                   options=cfg.search.options, log=log.info)
+        return 0
+    if args.seeds > 1:
+        from .compare_seeds import run_compare_seeds
+
+        run_compare_seeds(load_config(args.config, _overrides(args)), names, args.seeds, args.budget)
+        return 0
     run_compare(load_config(args.config, _overrides(args)), names, args.budget)
     return 0
 

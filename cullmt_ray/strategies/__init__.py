@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 from .base import BaseStrategy, SearchSpace, StopRule, StrategyError
 from .beam import BeamStrategy
 from .evolutionary import EvolutionaryStrategy
+from .exhaustive import ExhaustiveStrategy
 from .greedy import GreedyStrategy
+from .hybrid import HybridStrategy
 from .optuna_multi import MOTPEStrategy, MultiObjectiveStrategy
 from .optuna_tpe import TPEStrategy
 from .random_search import RandomStrategy
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, type[BaseStrategy]] = {
     cls.name: cls for cls in (GreedyStrategy, BeamStrategy, RandomStrategy, EvolutionaryStrategy, TPEStrategy,
-                              MultiObjectiveStrategy, MOTPEStrategy)
+                              MultiObjectiveStrategy, MOTPEStrategy, HybridStrategy, ExhaustiveStrategy)
 }
 
 
@@ -27,8 +29,6 @@ def make_strategy(search: SearchConfig, units: list[str], baseline: Evaluation, 
                   target_removed: int | None = None) -> BaseStrategy:
     """The configured strategy (or ``name``) over ``units`` minus ``search.protect``, checked."""
     name = name or search.strategy
-    if name not in STRATEGIES:
-        raise StrategyError(f"search.strategy={name!r}: expected one of {', '.join(STRATEGIES)}")
     bad = [u for u in search.protect if u not in units]
     if bad:
         raise StrategyError(f"search.protect: {bad[0]!r} is not a unit of this model ({units[0]} .. {units[-1]})")
@@ -36,10 +36,22 @@ def make_strategy(search: SearchConfig, units: list[str], baseline: Evaluation, 
     stop = StopRule(search.threshold, target_removed if target_removed is not None else search.target_removed,
                     search.target_params_fraction,
                     max_evaluations if max_evaluations is not None else search.max_evaluations)
-    strategy = STRATEGIES[name](space=space, stop=stop, seed=search.seed, batch=batch,
-                                **(search.options.get(name) or {}))
+    return build_strategy(name, space, stop, search.seed, batch, search.options.get(name))
+
+
+def build_strategy(name: str, space: SearchSpace, stop: StopRule, seed: int = 0, batch: int = 4,
+                   options: dict | None = None) -> BaseStrategy:
+    """A registered strategy over ``space`` with its options checked (the live driver and replay alike)."""
+    if name not in STRATEGIES:
+        raise StrategyError(f"strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
+    cls, opts = STRATEGIES[name], dict(options or {})
+    unknown = [k for k in opts if k not in cls.options()]
+    if unknown:
+        raise StrategyError(f"search.options.{name}.{unknown[0]}: not an option of strategy {name!r}; "
+                            f"expected one of {', '.join(cls.options()) or '(none)'}")
+    strategy = cls(space=space, stop=stop, seed=seed, batch=batch, **opts)
     strategy.check()
     return strategy
 
 
-__all__ = ["STRATEGIES", "BaseStrategy", "SearchSpace", "StopRule", "StrategyError", "make_strategy"]
+__all__ = ["STRATEGIES", "BaseStrategy", "SearchSpace", "StopRule", "StrategyError", "build_strategy", "make_strategy"]
