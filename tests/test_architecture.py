@@ -11,7 +11,7 @@ from cullmt_ray.units import UnitError, empties_a_group, parse_unit, sort_units,
 
 def test_the_core_loads_neither_torch_nor_ray():
     code = ("import sys, cullmt_ray.strategies, cullmt_ray.store, cullmt_ray.pareto, cullmt_ray.config, "
-            "cullmt_ray.candidate, cullmt_ray.units, cullmt_ray.evaluation; "
+            "cullmt_ray.candidate, cullmt_ray.units, cullmt_ray.evaluation, cullmt_ray.replay; "
             "from cullmt_ray.config import load_config; load_config(); "
             "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -188,3 +188,19 @@ def test_kl_stage_variants_skip_sizes_without_kl(tmp_path: Path, table_path: Pat
     sizes = report["results"]["greedy+kl=0.5"]["sizes"]
     assert sizes["2"]["seeds"] == 2 and sizes["3"]["skipped"]
     assert report["target"]["greedy+kl=0.5"]["sizes_judged"] == [2] and not report["target"]["greedy+kl=0.5"]["met"]
+
+
+def test_compare_replays_the_shipped_table_from_the_cli(tmp_path):
+    """`cullmt-ray compare --table`: the shipped llama table, where greedy is exact (regret 0 at every size)."""
+    import json
+
+    from cullmt_ray.cli import main
+
+    table = Path(__file__).resolve().parents[1] / "results/bench/ground_truth/llama.parquet"
+    assert main(["compare", "--table", str(table), "--seeds", "2", "--strategies", "greedy,random",
+                 "--sizes", "1,2", "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "replay-llama" / "replay.json").read_text())
+    greedy = report["results"]["greedy"]["sizes"]
+    assert report["sizes"] == [1, 2] and all(greedy[k]["regret"]["median"] == 0 for k in ("1", "2"))
+    assert (tmp_path / "replay-llama" / "replay.md").exists()
+    assert main(["compare", "--table", str(tmp_path / "none.parquet"), "--strategies", "greedy"]) == 2
