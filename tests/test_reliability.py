@@ -226,3 +226,38 @@ def test_export_keeps_the_base_dtype_and_writes_a_card(tmp_path):
     model = AutoModelForSeq2SeqLM.from_pretrained(out)  # plain transformers
     assert model.config.encoder_layers == fam.model.config.encoder_layers - 1
     assert str(next(fam.model.parameters()).dtype) == "torch.float32"  # the in-memory model is untouched
+
+
+# ----------------------------------------------------------------------------- resume checks
+def test_resume_refuses_an_edited_config_unless_accepted(tmp_path, caplog):
+    import json
+
+    from cullmt_ray.config import ConfigError, load_config
+    from cullmt_ray.session import check_resume
+
+    cfg = load_config(None, [])
+    snap = json.loads(json.dumps(cfg.to_dict()))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "failed", "config_snapshot": snap}))
+    assert check_resume(tmp_path, cfg)["status"] == "failed"  # unchanged: fine
+    edited = load_config(None, ["search.threshold=5", "data.max_sentences=7"])
+    with pytest.raises(ConfigError, match=r"edited since the run started \(data.max_sentences, search.threshold\)"):
+        check_resume(tmp_path, edited)
+    with caplog.at_level("WARNING", logger="cullmt_ray"):
+        check_resume(tmp_path, edited, accept_config_changes=True)
+    assert "resuming with an edited config" in caplog.text
+
+
+def test_resume_of_a_run_whose_driver_is_gone_warns_and_goes_on(tmp_path, caplog):
+    import json
+    import subprocess
+    import sys
+
+    from cullmt_ray.config import load_config
+    from cullmt_ray.session import check_resume
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "pid": gone}))
+    with caplog.at_level("WARNING", logger="cullmt_ray"):
+        check_resume(tmp_path, load_config(None, []))
+    assert "left 'running' by a driver that is gone" in caplog.text
