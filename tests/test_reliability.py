@@ -212,7 +212,12 @@ def test_export_keeps_the_base_dtype_and_writes_a_card(tmp_path):
     fam = load_family(ModelConfig("reference:dense"))
     assert next(fam.model.parameters()).dtype.is_floating_point and str(fam.model.dtype) == "torch.float32"
     fam.translate(["A dog runs."], "ces_Latn", "eng_Latn")  # the tokenizer's src_lang is now ces_Latn
-    out = fam.export(["enc.1"], tmp_path / "pruned")
+    old = os.umask(0o022)
+    try:
+        out = fam.export(["enc.1"], tmp_path / "pruned")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}  # safetensors' own 0600 undone
     base = Path(resolve_model_path("reference:dense")) / "model.safetensors"
     size = (out / "model.safetensors").stat().st_size
     assert size < 0.97 * base.stat().st_size  # one layer fewer, at fp16 (an fp32 save would be ~1.9x)
@@ -222,7 +227,7 @@ def test_export_keeps_the_base_dtype_and_writes_a_card(tmp_path):
     facts = json.loads((out / "cullmt_ray.json").read_text())
     assert facts["dtype"] == "float16" and facts["removed_units"] == ["enc.1"]
     card = (out / "README.md").read_text()
-    assert "src_lang" in card and "float16" in card
+    assert "src_lang=ces_Latn" in card and "float16" in card
     model = AutoModelForSeq2SeqLM.from_pretrained(out)  # plain transformers
     assert model.config.encoder_layers == fam.model.config.encoder_layers - 1
     assert str(next(fam.model.parameters()).dtype) == "torch.float32"  # the in-memory model is untouched
