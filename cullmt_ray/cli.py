@@ -401,6 +401,19 @@ def _configure_logging(args: argparse.Namespace) -> None:
         logging.getLogger("ray").setLevel(logging.ERROR)
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: the run folder says "interrupted", the
+    pool and the store's claims are released, instead of the process vanishing with run.json "running"."""
+    import signal
+    import threading
+
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _exit_code(e: BaseException) -> tuple[int, BaseException]:
     """2 for bad input (a ValueError, also when raised inside an actor), 1 for failures at run time."""
     from ray.exceptions import RayTaskError
@@ -417,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _terminate_as_interrupt()
     try:
         if args.command != "submit" and str(getattr(args, "address", None) or "").startswith(("http://", "https://")):
             from .submit import forward

@@ -71,11 +71,18 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     kw: dict = {"include_dashboard": False, "log_to_driver": not quiet, "configure_logging": False}
     if quiet:
         kw["logging_level"] = logging.ERROR
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     with ray_quiet():
         if address:
             ray.init(address=address, **kw)
         else:
             ray.init(num_cpus=num_cpus, **kw)
+    if callable(on_term):  # Ray's core replaces it with one that aborts; keep the CLI's (run.json "interrupted")
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def preflight(cfg: SearchRunConfig) -> None:
