@@ -345,9 +345,9 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             raise ValueError(f"pareto {target}: no readable run.json; expected a run folder made by cullmt-ray") from None
         if "context" not in info or info.get("status") != "finished":
-            from .session import _driver_alive
+            from .session import driver_alive
 
-            gone = info.get("status") == "running" and not _driver_alive(info)
+            gone = info.get("status") == "running" and not driver_alive(info)
             raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}"
                              f"{', left by a driver that is gone' if gone else ''}); "
                              f"finish it with cullmt-ray {'compare' if info.get('verb') == 'compare' else 'search'} --resume {target}")
