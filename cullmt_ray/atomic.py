@@ -33,6 +33,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def honour_umask(folder: str | Path) -> None:
+    """Give ``folder`` and everything in it the permissions the umask gives new files and folders
+    (libraries that write through mkstemp/mkdtemp, e.g. safetensors, leave 0600/0700 behind)."""
+    mask = _umask()
+    root = Path(folder)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

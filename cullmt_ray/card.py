@@ -180,8 +180,10 @@ def pruned_card(info: dict) -> str:
                   _score_table(scores, list(info["signatures"])), "", "Signatures (sacrebleu):",
                   signature_lines(info["signatures"]), ""]
     src, tgt = (info.get("directions") or ["eng_Latn-deu_Latn"])[0].split("-")
-    lines += ["## Use", "", "The tokenizer is saved as the base model's; set `src_lang` (and force the target "
-              "language token) for each direction, as below.", "", "```python",
+    saved = f" (it was saved with `src_lang={info['tokenizer_src_lang']}`, the last source it translated)" \
+        if info.get("tokenizer_src_lang") else ""
+    lines += ["## Use", "", f"The tokenizer is saved as the base model's{saved}; set `src_lang` (and force the "
+              "target language token) for each direction, as below.", "", "```python",
               load_snippet(info.get("causal", False), info["model_dir"], src, tgt), "```", ""]
     extra = {k: v for k, v in info.items() if k not in ("scores", "signatures", "size", "removed_units")}
     lines += ["## Facts", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```", ""]

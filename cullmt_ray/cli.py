@@ -378,9 +378,9 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             raise ValueError(f"pareto {target}: no readable run.json; expected a run folder made by cullmt-ray") from None
         if "context" not in info or info.get("status") != "finished":
-            from .session import _driver_alive
+            from .session import driver_alive
 
-            gone = info.get("status") == "running" and not _driver_alive(info)
+            gone = info.get("status") == "running" and not driver_alive(info)
             raise ValueError(f"pareto {target}: the run has not finished (status {info.get('status')}"
                              f"{', left by a driver that is gone' if gone else ''}); "
                              f"finish it with cullmt-ray {'compare' if info.get('verb') == 'compare' else 'search'} --resume {target}")
@@ -450,6 +450,19 @@ def _configure_logging(args: argparse.Namespace) -> None:
         logging.getLogger("ray").setLevel(logging.ERROR)
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: the run folder says "interrupted", the
+    pool and the store's claims are released, instead of the process vanishing with run.json "running"."""
+    import signal
+    import threading
+
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _exit_code(e: BaseException) -> tuple[int, BaseException]:
     """2 for bad input (a ValueError, also when raised inside an actor), 1 for failures at run time."""
     from ray.exceptions import RayTaskError
@@ -466,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _terminate_as_interrupt()
     try:
         if args.command != "submit" and str(getattr(args, "address", None) or "").startswith(("http://", "https://")):
             from .submit import forward

@@ -7,6 +7,7 @@ stored the moment it finishes, and the budget counters mean the same everywhere.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -18,6 +19,8 @@ from .config import SearchRunConfig
 from .data import DevSet, Direction, describe
 from .metrics import METRICS, Metric
 from .store import ResultStore
+
+log = logging.getLogger("cullmt_ray")
 
 
 class RunError(RuntimeError):
@@ -130,15 +133,14 @@ class EvaluationService:
         first = True
         while waiting:
             mine, taken = self.claim_or_read(waiting, es, strategy, out)
+            bar.update(len(waiting) - len(mine) - len(taken))  # read from the store
             for cand, res in self.pool.evaluate(((c, es.directions) for c in mine), es.limit, es.metric.name):
                 out[cand] = self.record(cand, res, es, strategy)
-            bar.update(len(waiting) - len(taken))
+                bar.update(1)
             if taken and not mine:  # another run computes these: wait for its rows (or its claims to expire)
                 if first:
-                    import logging
-
-                    logging.getLogger("cullmt_ray").info("%s: %d candidate(s) are being computed by another run; "
-                                                         "waiting for its results", strategy, len(taken))
+                    log.info("%s: %d candidate(s) are being computed by another run; waiting for its results",
+                             strategy, len(taken))
                     first = False
                 time.sleep(self.poll_seconds)
             waiting = taken
@@ -147,7 +149,7 @@ class EvaluationService:
         return [out[c] for c in candidates]
 
     def claim_or_read(self, candidates: list[Candidate], es: EvalSet, strategy: str,
-               out: dict[Candidate, Evaluation]) -> tuple[list[Candidate], list[Candidate]]:
+                      out: dict[Candidate, Evaluation]) -> tuple[list[Candidate], list[Candidate]]:
         """Read what the store has into ``out``; claim the rest: (claimed by us, claimed by another run)."""
         mine, taken = [], []
         for c in candidates:

@@ -71,11 +71,18 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     kw: dict = {"include_dashboard": False, "log_to_driver": not quiet, "configure_logging": False}
     if quiet:
         kw["logging_level"] = logging.ERROR
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     with ray_quiet():
         if address:
             ray.init(address=address, **kw)
         else:
             ray.init(num_cpus=num_cpus, **kw)
+    if callable(on_term):  # Ray's core replaces it with one that aborts; keep the CLI's (run.json "interrupted")
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def preflight(cfg: SearchRunConfig) -> None:
@@ -175,7 +182,7 @@ def changed_keys(before: dict, after: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
 
 
-def _driver_alive(info: dict) -> bool:
+def driver_alive(info: dict) -> bool:
     """The driver that wrote ``run.json`` still runs on this host (a cullmt-ray process with its pid)."""
     import socket
 
@@ -208,7 +215,7 @@ def check_resume(run_dir: Path, cfg: SearchRunConfig, accept_config_changes: boo
     if not isinstance(info, dict):
         raise ConfigError(f"--resume {run_dir}: run.json is not a mapping; expected a run folder made by cullmt-ray")
     if info.get("status") == "running":
-        if _driver_alive(info):
+        if driver_alive(info):
             raise ConfigError(f"--resume {run_dir}: the run is still running (driver pid {info['pid']}); wait for "
                               "it to end or stop it first")
         log.warning("%s was left 'running' by a driver that is gone (pid %s); resuming it", run_dir, info.get("pid"))

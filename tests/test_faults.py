@@ -125,3 +125,29 @@ def test_a_killed_compare_resumes_and_counts_every_attempt(tmp_path, tiny_encdec
     assert sum(computed.values()) + _rows(store, "strategy='baseline'") == rows
     assert this_attempt == rows - before  # the second attempt computed only what the first had not
     assert (run_dir / "compare.md").exists() and (run_dir / "fronts.png").exists()
+
+
+def test_a_terminated_search_says_interrupted_and_resumes(tmp_path, tiny_encdec):
+    """SIGTERM to the driver alone: run.json says interrupted (never running), no claim is left, and
+    --resume finishes the run."""
+    store = tmp_path / "store.sqlite"
+    proc = _start(["search", *_args(tiny_encdec, tmp_path, "t")], tmp_path)
+    deadline = time.time() + 300
+    while _rows(store) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.strip() == "cullmt-ray search: interrupted", err[-2000:]
+    run_dir, info = _run_json(tmp_path / "t")
+    assert info["status"] == "interrupted" and "signal 15" in info["error"]
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+    out = subprocess.run(CLI + ["search", "--resume", str(run_dir)], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["evaluations_all_attempts"] == _rows(store)

@@ -212,7 +212,12 @@ def test_export_keeps_the_base_dtype_and_writes_a_card(tmp_path):
     fam = load_family(ModelConfig("reference:dense"))
     assert next(fam.model.parameters()).dtype.is_floating_point and str(fam.model.dtype) == "torch.float32"
     fam.translate(["A dog runs."], "ces_Latn", "eng_Latn")  # the tokenizer's src_lang is now ces_Latn
-    out = fam.export(["enc.1"], tmp_path / "pruned")
+    old = os.umask(0o022)
+    try:
+        out = fam.export(["enc.1"], tmp_path / "pruned")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}  # safetensors' own 0600 undone
     base = Path(resolve_model_path("reference:dense")) / "model.safetensors"
     size = (out / "model.safetensors").stat().st_size
     assert size < 0.97 * base.stat().st_size  # one layer fewer, at fp16 (an fp32 save would be ~1.9x)
@@ -222,7 +227,42 @@ def test_export_keeps_the_base_dtype_and_writes_a_card(tmp_path):
     facts = json.loads((out / "cullmt_ray.json").read_text())
     assert facts["dtype"] == "float16" and facts["removed_units"] == ["enc.1"]
     card = (out / "README.md").read_text()
-    assert "src_lang" in card and "float16" in card
+    assert "src_lang=ces_Latn" in card and "float16" in card
     model = AutoModelForSeq2SeqLM.from_pretrained(out)  # plain transformers
     assert model.config.encoder_layers == fam.model.config.encoder_layers - 1
     assert str(next(fam.model.parameters()).dtype) == "torch.float32"  # the in-memory model is untouched
+
+
+# ----------------------------------------------------------------------------- resume checks
+def test_resume_refuses_an_edited_config_unless_accepted(tmp_path, caplog):
+    import json
+
+    from cullmt_ray.config import ConfigError, load_config
+    from cullmt_ray.session import check_resume
+
+    cfg = load_config(None, [])
+    snap = json.loads(json.dumps(cfg.to_dict()))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "failed", "config_snapshot": snap}))
+    assert check_resume(tmp_path, cfg)["status"] == "failed"  # unchanged: fine
+    edited = load_config(None, ["search.threshold=5", "data.max_sentences=7"])
+    with pytest.raises(ConfigError, match=r"edited since the run started \(data.max_sentences, search.threshold\)"):
+        check_resume(tmp_path, edited)
+    with caplog.at_level("WARNING", logger="cullmt_ray"):
+        check_resume(tmp_path, edited, accept_config_changes=True)
+    assert "resuming with an edited config" in caplog.text
+
+
+def test_resume_of_a_run_whose_driver_is_gone_warns_and_goes_on(tmp_path, caplog):
+    import json
+    import subprocess
+    import sys
+
+    from cullmt_ray.config import load_config
+    from cullmt_ray.session import check_resume
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "pid": gone}))
+    with caplog.at_level("WARNING", logger="cullmt_ray"):
+        check_resume(tmp_path, load_config(None, []))
+    assert "left 'running' by a driver that is gone" in caplog.text

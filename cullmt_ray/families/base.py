@@ -249,13 +249,14 @@ class ModelFamily(ABC):
             model.save_pretrained(out, safe_serialization=True, state_dict=state)
         import json
 
-        from ..atomic import write_json
+        from ..atomic import honour_umask, write_json
 
         conf = json.loads((out / "config.json").read_text())  # it names the loaded dtype, not the saved one
         conf["dtype"] = str(dtype).removeprefix("torch.")
         write_json(out / "config.json", conf)
         self.tokenizer.save_pretrained(out)
         self.write_card(out, removed, card)
+        honour_umask(out)
         return out
 
     def save_dtype(self) -> torch.dtype:

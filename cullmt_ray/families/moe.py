@@ -201,6 +201,9 @@ class NllbMoeFamily(EncoderDecoderFamily):
         self.write_card(out, sort_units(self.check_units(removed)), {
             "kept_experts": kept, "moe_dispatch": nllb_moe_fix.DISPATCH_TAG,
             "loader": "transformers" if not missing else "cullmt_ray.families.moe.load_pruned_moe", **(card or {})})
+        from ..atomic import honour_umask
+
+        honour_umask(out)
         return out
 
     def _module_path(self, layer: str) -> str:

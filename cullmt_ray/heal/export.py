@@ -41,6 +41,9 @@ def merged_family(spec: ModelConfig, removed: list[str], adapter_dir: str | Path
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
+    from ..atomic import honour_umask
+
+    honour_umask(tmp)  # mkdtemp made it 0700
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

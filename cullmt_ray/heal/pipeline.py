@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -338,11 +340,27 @@ class HealRecipe:
         self._lap("scores_after")
         return final
 
+    def _check_stale(self) -> None:
+        """A heal being resumed: refuse while its driver still runs; say so when it was left running."""
+        from ..session import driver_alive
+
+        try:
+            info = json.loads((self.heal_dir / "heal.json").read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(info, dict) and info.get("status") == "running":
+            if driver_alive(info):
+                raise ConfigError(f"--resume {self.heal_dir}: the heal is still running (driver pid {info['pid']}); "
+                                  "wait for it to end or stop it first")
+            logger.warning("%s was left 'running' by a driver that is gone; resuming it", self.heal_dir)
+
     # ------------------------------------------------------------------ the whole recipe
     def run(self) -> Path:
         self.setup()
         self.heal_dir = self.heal_dir or new_folder(self.run_dir / "heal", self.cfg.name)
         resuming = (self.heal_dir / "config.yaml").exists()
+        if resuming:
+            self._check_stale()
         self.heal_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             write_text(self.heal_dir / "config.yaml", yaml.safe_dump(
@@ -351,7 +369,8 @@ class HealRecipe:
         self.status = {"heal": self.heal_dir.name, "status": "running", "resumed": resuming,
                        "run_dir": str(self.run_dir),
                        "candidates": [{"removed": c.units, "id": c.key, "folder": label(c)} for c in self.cands],
-                       "started": datetime.now(timezone.utc).isoformat(), "stages_seconds": self.stages}
+                       "started": datetime.now(timezone.utc).isoformat(), "stages_seconds": self.stages,
+                       "pid": os.getpid(), "host": socket.gethostname()}
         self._write_status()
         t_start = self._clock = time.time()
         try:
