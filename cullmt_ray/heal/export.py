@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..families import ModelFamily, load_family, stored_dtype  # noqa: F401 - stored_dtype: used by pipeline
+from ..families import ModelFamily, load_family
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

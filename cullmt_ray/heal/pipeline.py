@@ -273,7 +273,8 @@ class HealRecipe:
     # ------------------------------------------------------------------ 3. merge and save
     def export(self) -> None:
         from ..families import load_family
-        from .export import merged_family, save_adapter, save_merged, stored_dtype
+        from ..families import stored_dtype
+        from .export import merged_family, save_adapter, save_merged
         from .lora import resolve_targets
 
         cfg, spec = self.cfg, self.run_cfg.model
