@@ -193,8 +193,8 @@ def part_scale(args) -> dict:
     proc = psutil.Process()
     tok = tokenizer()
     out = {"threads": args.threads}
-    src_len, new_tokens, batch = 32, 32, 8
     for kind in ("nllb600m", "llama1b"):
+        src_len, new_tokens, batch = (32, 32, 8) if kind == "nllb600m" else (16, 16, 4)
         gc.collect()
         rss_before = proc.memory_info().rss
         t = time.perf_counter()
@@ -267,12 +267,21 @@ def part_scale(args) -> dict:
                "kl_cached_over_decode": round(kl_pruned / d_half, 3),
                "kl_uncached_over_decode": round((kl_full + kl_pruned) / d_half, 3),
                "fixed_lengths": {"source_tokens": src_len, "target_tokens": new_tokens, "batch": batch}}
-        if args.bf16:
+        print(kind, res, flush=True)
+        if args.bf16:  # a small fixed decode (2 sentences, 8 tokens), fp32 then bf16
+            def small():
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    _generate(model, kind, ids[:2, :16], 8)
+                    return time.perf_counter() - t
+
+            small()
+            f32 = min(small() for _ in range(2))
             model.to(torch.bfloat16)
-            decode()
-            b = statistics.median(decode() for _ in range(max(1, args.repeats - 1)))
-            res["decode_seconds_per_sentence_bf16"] = round(b, 4)
-            res["bf16_over_fp32"] = round(b / d_full, 3)
+            small()
+            b16 = min(small() for _ in range(2))
+            res["small_decode_seconds_fp32_vs_bf16"] = [round(f32, 3), round(b16, 3)]
+            res["bf16_over_fp32"] = round(b16 / f32, 3)
         out[kind] = res
         print(kind, res, flush=True)
         del fam, model
@@ -328,7 +337,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bf16", action="store_true", default=True)
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 decode measurement")
     args = ap.parse_args()
     res = _load()
     res.pop("benchmark", None), res.pop("when", None), res.pop("machine", None)
