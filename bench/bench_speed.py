@@ -339,6 +339,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 decode measurement")
     args = ap.parse_args()
+    global OUT
+    OUT = Path(args.out) if args.out else OUT
     res = _load()
     res.pop("benchmark", None), res.pop("when", None), res.pop("machine", None)
     for part in args.parts.split(","):
