@@ -19,6 +19,9 @@ from .metrics import METRICS, Metric
 from .store import ResultStore
 
 
+RACED = ("greedy", "beam")  # strategies whose steps search.racing races (they rank partial evaluations last)
+
+
 class RunError(RuntimeError):
     """Evaluation cannot go on (an actor that keeps dying, a lost cluster); one line saying why."""
 
@@ -132,8 +135,8 @@ class EvaluationService:
         stage scores what the previous one kept and passes on its best ``keep`` fraction; a candidate
         dropped at a stage keeps that stage's evaluation. A proxy's ranked score (negated KL) is below
         any BLEU, so a dropped candidate ranks under the decoded ones. No stage on: :meth:`evaluate`.
-        With ``search.racing`` the batch is raced instead (:meth:`evaluate_raced`, ``floor`` and ``keep``)."""
-        if self.cfg.search.racing:
+        With ``search.racing`` a greedy or beam batch is raced instead (:meth:`evaluate_raced`, ``floor`` and ``keep``)."""
+        if self.cfg.search.racing and strategy in RACED:  # stepwise strategies only (compare runs others too)
             return self.evaluate_raced(candidates, strategy, es, floor=floor, keep=keep)
         fid = self.cfg.search.fidelity
         stages = []
