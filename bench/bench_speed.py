@@ -147,7 +147,7 @@ NLLB_600M = dict(vocab_size=256206, d_model=1024, encoder_layers=12, decoder_lay
                  scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
                  dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0)
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                 bos_token_id=128000, eos_token_id=128001, pad_token_id=128004)
@@ -193,8 +193,8 @@ def part_scale(args) -> dict:
     proc = psutil.Process()
     tok = tokenizer()
     out = {"threads": args.threads}
-    src_len, new_tokens, batch = 32, 32, 8
     for kind in ("nllb600m", "llama1b"):
+        src_len, new_tokens, batch = (32, 32, 8) if kind == "nllb600m" else (16, 16, 4)
         gc.collect()
         rss_before = proc.memory_info().rss
         t = time.perf_counter()
@@ -267,12 +267,21 @@ def part_scale(args) -> dict:
                "kl_cached_over_decode": round(kl_pruned / d_half, 3),
                "kl_uncached_over_decode": round((kl_full + kl_pruned) / d_half, 3),
                "fixed_lengths": {"source_tokens": src_len, "target_tokens": new_tokens, "batch": batch}}
-        if args.bf16:
+        print(kind, res, flush=True)
+        if args.bf16:  # a small fixed decode (2 sentences, 8 tokens), fp32 then bf16
+            def small():
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    _generate(model, kind, ids[:2, :16], 8)
+                    return time.perf_counter() - t
+
+            small()
+            f32 = min(small() for _ in range(2))
             model.to(torch.bfloat16)
-            decode()
-            b = statistics.median(decode() for _ in range(max(1, args.repeats - 1)))
-            res["decode_seconds_per_sentence_bf16"] = round(b, 4)
-            res["bf16_over_fp32"] = round(b / d_full, 3)
+            small()
+            b16 = min(small() for _ in range(2))
+            res["small_decode_seconds_fp32_vs_bf16"] = [round(f32, 3), round(b16, 3)]
+            res["bf16_over_fp32"] = round(b16 / f32, 3)
         out[kind] = res
         print(kind, res, flush=True)
         del fam, model
@@ -328,8 +337,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bf16", action="store_true", default=True)
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 decode measurement")
     args = ap.parse_args()
+    global OUT
+    OUT = Path(args.out) if args.out else OUT
     res = _load()
     res.pop("benchmark", None), res.pop("when", None), res.pop("machine", None)
     for part in args.parts.split(","):

@@ -23,6 +23,9 @@ from .store import ResultStore
 log = logging.getLogger("cullmt_ray")
 
 
+RACED = ("greedy", "beam")  # strategies whose steps search.racing races (they rank partial evaluations last)
+
+
 class RunError(RuntimeError):
     """Evaluation cannot go on (an actor that keeps dying, a lost cluster); one line saying why."""
 
@@ -86,7 +89,10 @@ class EvaluationService:
         from .families import model_fingerprint
 
         info = self.pool.info[0]
-        desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": self.cfg.model.dtype,
+        dtype = self.cfg.model.dtype  # auto resolved to bf16 (GPUs) is a context of its own; auto = fp32 as before
+        if dtype == "auto" and info.get("dtype", "float32") != "float32":
+            dtype = f"auto:{info['dtype']}"
+        desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": dtype,
                 "eval": describe(self.devset, directions), "metric": self.cfg.metric.primary,
                 "signatures": info["signatures"], "decoding": self.cfg.decoding.__dict__.copy()}
         if self.cfg.search.racing:  # racing decodes in blocks (EvalSettings.block): a context of its own
@@ -174,8 +180,8 @@ class EvaluationService:
         stage scores what the previous one kept and passes on its best ``keep`` fraction; a candidate
         dropped at a stage keeps that stage's evaluation. A proxy's ranked score (negated KL) is below
         any BLEU, so a dropped candidate ranks under the decoded ones. No stage on: :meth:`evaluate`.
-        With ``search.racing`` the batch is raced instead (:meth:`evaluate_raced`, ``floor`` and ``keep``)."""
-        if self.cfg.search.racing:
+        With ``search.racing`` a greedy or beam batch is raced instead (:meth:`evaluate_raced`, ``floor`` and ``keep``)."""
+        if self.cfg.search.racing and strategy in RACED:  # stepwise strategies only (compare runs others too)
             return self.evaluate_raced(candidates, strategy, es, floor=floor, keep=keep)
         fid = self.cfg.search.fidelity
         stages = []
@@ -200,11 +206,15 @@ class EvaluationService:
 
     def evaluate_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet, *,
                        floor: float | None = None, keep: int = 1) -> list[Evaluation]:
-        """Race one step's candidates (:mod:`cullmt_ray.racing`): decode them chunk by chunk, let a
-        paired bootstrap drop those clearly below the ``keep``-th best or below ``floor`` (the
-        acceptance line), score the survivors on the whole set through :meth:`evaluate` (the full
-        context, as without racing). A dropped candidate is stored in the race's own context with its
-        score on the sentences it saw and comes back ``partial`` (it ranks below every full score)."""
+        """Race one step's candidates (:mod:`cullmt_ray.racing`): decode them chunk by chunk (one
+        block of ``EvalSettings.block`` sentences per direction at a time, decoded exactly as a full
+        evaluation decodes it), let a paired bootstrap drop those clearly below the ``keep``-th best or
+        below ``floor`` (the acceptance line), and let the survivors run to the end of the dev set:
+        their hypotheses, scored with every metric as the actors score them, are their full evaluation
+        (stored in ``es``'s context, as without racing). A dropped candidate is stored in the race's
+        own context with its score on the sentences it saw and comes back ``partial`` (it ranks below
+        every full score). Candidates already in the store are not recomputed where a resumed step
+        has them all."""
         import dataclasses
         import time
 

@@ -60,7 +60,8 @@ class EvaluatorActor:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "units": self.family.units(), "size": asdict(self.family.size()),
                 "family": self.family.name, "signatures": self.scorer.signatures(),
-                "dispatch": getattr(self.family, "dispatch", None)}
+                "dispatch": getattr(self.family, "dispatch", None),
+                "dtype": str(self.family.model.dtype).removeprefix("torch.")}
 
     def evaluate(self, removed: list[str], directions: list[Direction], limit: int | None = None) -> dict:
         """Score a prune set on ``directions``, on the first ``limit`` sentences (all when None)."""

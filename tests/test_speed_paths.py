@@ -92,7 +92,7 @@ def test_kl_cache_equals_recomputation(fam, tiny_llama, demo_sources):
         for removed in ([family.units()[0]], family.units()[1:3]):
             want = kl_to_full(family, batches, removed)
             assert kl_cached(family, batches, exact, removed) == pytest.approx(want, rel=1e-6)
-            assert 0 <= kl_cached(family, batches, topk, removed) <= want * (1 + 1e-6)
+            assert -1e-8 <= kl_cached(family, batches, topk, removed) <= want * (1 + 1e-6) + 1e-8  # a lower bound
 
 
 def test_a_race_chunk_decodes_as_the_full_evaluation(tiny_llama, demo_sources, tmp_path):
