@@ -183,7 +183,6 @@ def _random_model(kind: str):
 def part_scale(args) -> dict:
     import psutil
     import torch
-    from torch import nn
 
     from cullmt_ray.families.decoder import DecoderOnlyFamily
     from cullmt_ray.families.encdec import EncoderDecoderFamily
