@@ -57,6 +57,11 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.2f}", border=0, classes="t")
 
 
+def _count(tried) -> int:
+    """Candidates a step tried: greedy lists them, beam counts them."""
+    return tried if isinstance(tried, int) else len(tried)
+
+
 def _read(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -101,7 +106,7 @@ def write_report(run_dir: Path, store, title: str) -> Path:
     trace = _read(run_dir / "trace.json") or {}
     if trace.get("steps"):
         steps = pd.DataFrame([{"step": s["step"], "removed": s.get("best_unit"), "score": s["best_score"],
-                               "drop": s["drop"], "accepted": s.get("accepted"), "tried": len(s.get("tried", {}))}
+                               "drop": s["drop"], "accepted": s.get("accepted"), "tried": _count(s.get("tried", 0))}
                               for s in trace["steps"]])
         parts += [f"<h2>{html.escape(trace.get('strategy', 'strategy'))} trace</h2>", _table(steps)]
     held = _read(run_dir / "heldout.json")
