@@ -477,9 +477,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         build_parser().print_help()
         return 2
+    saved = (log.handlers[:], log.level, log.propagate)  # restored on return: main() may run inside a program
     _configure_logging(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _terminate_as_interrupt()
+    try:
+        return _run(args, argv)
+    finally:
+        log.handlers[:] = saved[0]
+        log.setLevel(saved[1])
+        log.propagate = saved[2]
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if args.command != "submit" and str(getattr(args, "address", None) or "").startswith(("http://", "https://")):
             from .submit import forward
