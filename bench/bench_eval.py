@@ -43,6 +43,21 @@ def naive(fam, removed: list[str], sources: list[str], src: str, tgt: str, bs: i
     return out
 
 
+def versus_naive(fam, removed: list[str], sources: list[str], dec: Decoding,
+                 repeats: int) -> tuple[list[float], list[float], int]:
+    """Seconds of ours and of :func:`naive` per repeat (interleaved A/B), and how many outputs are equal."""
+    ours, theirs = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with fam.apply(removed):
+            a = fam.translate(sources, "eng_Latn", "deu_Latn", dec)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b = naive(fam, removed, sources, "eng_Latn", "deu_Latn", dec.batch_size)
+        theirs.append(time.perf_counter() - t)
+    return ours, theirs, sum(x.strip() == y.strip() for x, y in zip(a, b))
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
@@ -55,16 +70,7 @@ def main() -> None:
     sources = list(ds.lines["eng_Latn"])
     removed = [fam.units()[1], fam.units()[-2]]
     dec = Decoding(batch_size=16)
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        with fam.apply(removed):
-            a = fam.translate(sources, "eng_Latn", "deu_Latn", dec)
-        ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b = naive(fam, removed, sources, "eng_Latn", "deu_Latn", dec.batch_size)
-        theirs.append(time.perf_counter() - t)
-    same = sum(x.strip() == y.strip() for x, y in zip(a, b))
+    ours, theirs, same = versus_naive(fam, removed, sources, dec, args.repeats)
     res = {"model": args.model, "removed": removed, "sentences": len(sources), "threads": 1,
            "cullmt_seconds_median": round(statistics.median(ours), 3),
            "naive_seconds_median": round(statistics.median(theirs), 3),

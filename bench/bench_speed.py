@@ -90,7 +90,7 @@ def part_candidate(args) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO / "bench"))
-    from bench_eval import naive
+    from bench_eval import versus_naive
 
     from cullmt_ray.config import Decoding, ModelConfig
     from cullmt_ray.data import load_devset
@@ -102,17 +102,8 @@ def part_candidate(args) -> dict:
     dec = Decoding(batch_size=16)
     res = {}
     for removed in (["enc.1", "dec.4"], ["dec.4"]):
-        ours, theirs = [], []
         fam.encoder_cache.clear()
-        for _ in range(args.repeats):  # interleaved A/B
-            t = time.perf_counter()
-            with fam.apply(removed):
-                a = fam.translate(sources, "eng_Latn", "deu_Latn", dec)
-            ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            b = naive(fam, removed, sources, "eng_Latn", "deu_Latn", dec.batch_size)
-            theirs.append(time.perf_counter() - t)
-        same = sum(x.strip() == y.strip() for x, y in zip(a, b))
+        ours, theirs, same = versus_naive(fam, removed, sources, dec, args.repeats)
         res["+".join(removed)] = {"cullmt_seconds_median": round(statistics.median(ours), 3),
                                   "naive_seconds_median": round(statistics.median(theirs), 3),
                                   "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),

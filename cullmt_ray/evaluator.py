@@ -311,8 +311,7 @@ class EvaluatorPool:
                 yield key, ray.get(done[0])
             except RayActorError as e:
                 raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
-                               f"({type(e).__name__}); every finished evaluation is stored: resume the run "
-                               "(cullmt-ray search --resume RUN_DIR)") from e
+                               f"({type(e).__name__}); every finished evaluation is stored") from e
 
     def sentence_stats(self, jobs: Iterable[tuple[Any, list[str], Direction, int, int]]) -> Iterator[tuple[Any, dict]]:
         """Spread ``(key, removed, direction, start, stop)`` racing chunks over the actors; yield

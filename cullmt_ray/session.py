@@ -384,9 +384,10 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
             session.finish()
     except BaseException as exc:
         e = exc
-        if isinstance(e, RunError) and folder and "RUN_DIR" in str(e):  # name the folder to resume
-            how = f"cullmt-ray {verb} --resume {run_dir}" if verb in ("search", "compare") else f"rerun {verb}"
-            e = RunError(str(e).replace("cullmt-ray search --resume RUN_DIR", how))
+        if isinstance(e, RunError):  # the pool knows no run folder: say here how to go on
+            how = f"cullmt-ray {verb} --resume {run_dir}" if folder and verb in ("search", "compare") \
+                else f"run cullmt-ray {verb} again"
+            e = RunError(f"{e}: resume the run ({how})")
         status.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                       error=(str(e).strip().splitlines() or [type(e).__name__])[0][:500], finished=now())
         if folder:
