@@ -10,6 +10,8 @@ is missing. The table (one row per prune set, the baseline included) goes to
     python bench/bench_ground_truth.py --model llama                     # 62 sets
     python bench/bench_ground_truth.py --model dense --max-size 4        # 793 sets
     python bench/bench_ground_truth.py --model dense --max-size 6 --passes kl
+    python bench/bench_ground_truth.py --model dense --min-size 5 --max-size 6 --passes decode
+                                 # adds sizes 5-6 to the existing table (same settings, baseline checked)
 """
 
 from __future__ import annotations
@@ -40,32 +42,28 @@ def evaluate_all(cfg: SearchRunConfig, passes: list[str], log) -> dict:
     """The one place this script touches the search driver: open a session, run the exhaustive
     strategy once per pass (decode: the configured metrics; kl: the teacher-forced proxy) and read
     every stored evaluation of both contexts back."""
-    from cullmt_ray.search import make_strategy, open_session
+    from cullmt_ray.session import open_session
+    from cullmt_ray.strategies import make_strategy
 
-    session = open_session(cfg, f"ground-truth-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    try:
+    with open_session(cfg, "ground-truth", folder=False) as session:
         (baseline,) = session.evaluate([BASELINE], "baseline")
-        units = session.pool.info[0]["units"]
-        kl_set = session.evalset(session.calibration.directions, proxy="kl")
+        kl_set = session.service.evalset(session.calibration.directions, metric="kl")
         for name in passes:
-            strategy = make_strategy(cfg, units, baseline, name="exhaustive", batch=4)
+            strategy = make_strategy(cfg.search, session.units, baseline, name="exhaustive", batch=4)
             es = kl_set if name == "kl" else None
             session.evaluate([BASELINE], f"exhaustive:{name}", es)
             t0, done = time.time(), 0
             while batch := strategy.ask():
                 strategy.tell(session.evaluate(batch, f"exhaustive:{name}", es))
                 done += len(batch)
-                log(f"{name}: {done} sets asked, {session.evaluated} computed this run, "
+                log(f"{name}: {done} sets asked, {session.service.budget.evaluated} computed this run, "
                     f"{time.time() - t0:.0f} s")
         store = session.store
-        return {"baseline": baseline, "units": units, "protected": list(cfg.search.protect),
+        return {"baseline": baseline, "units": session.units, "protected": list(cfg.search.protect),
                 "description": session.calibration.description,
                 "decode": {e.candidate: e for e in store.evaluations(session.calibration.context)},
                 "kl": {e.candidate: e for e in store.evaluations(kl_set.context)},
-                "computed": session.evaluated, "actors": session.pool.size}
-    finally:
-        session.pool.shutdown()
-        session.store.close()
+                "computed": session.service.budget.evaluated, "actors": session.pool.size}
 
 
 def table_rows(res: dict, max_size: int) -> list[dict]:
@@ -91,13 +89,41 @@ def table_rows(res: dict, max_size: int) -> list[dict]:
     return rows
 
 
+def merged_with_existing(df, path: Path, settings: dict):
+    """``df`` plus the rows of the table already at ``path`` that ``df`` lacks (earlier sizes,
+    earlier KL passes). Refuses to mix tables built on other settings or another baseline score."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return df
+    old_meta = json.loads(pq.read_schema(path).metadata[b"cullmt"])
+    for key in ("model", "dev", "sentences_per_direction", "directions", "max_new_tokens"):
+        if old_meta.get(key) != settings.get(key):
+            raise SystemExit(f"{path}: built with {key}={old_meta.get(key)!r}, this run has "
+                             f"{settings.get(key)!r}; expected the same settings (or delete the table)")
+    old = pd.read_parquet(path)
+    base_old = float(old.loc[old["n_removed"] == 0, "score"].iloc[0])
+    base_new = float(df.loc[df["n_removed"] == 0, "score"].iloc[0])
+    if abs(base_old - base_new) > 1e-6:
+        raise SystemExit(f"{path}: baseline {base_old} there, {base_new} now; expected identical scores")
+    new = df.set_index("removed")
+    old = old.set_index("removed")
+    # a KL value the old table has fills the new row's gap; new values win otherwise
+    both = new.combine_first(old)
+    both = both.reset_index().astype({"n_removed": int})
+    return both.sort_values(["n_removed"], kind="stable").reset_index(drop=True)
+
+
 def export(res: dict, name: str, max_size: int, settings: dict) -> Path:
-    """``OUT/<name>.parquet`` (table; settings in the schema metadata) and ``OUT/<name>.json``."""
+    """``OUT/<name>.parquet`` (table; settings in the schema metadata) and ``OUT/<name>.json``.
+    Rows of an existing table that this run did not compute are kept."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    df = pd.DataFrame(table_rows(res, max_size))
+    path = OUT / f"{name}.parquet"
+    df = merged_with_existing(pd.DataFrame(table_rows(res, max_size)), path, settings)
     space = SearchSpace(res["units"], frozenset(res["protected"]))
     expected = {k: sum(1 for c in allowed_sets(space, k, k)) for k in range(1, max_size + 1)}
     have = df["n_removed"].value_counts().to_dict()
@@ -114,8 +140,9 @@ def export(res: dict, name: str, max_size: int, settings: dict) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"cullmt": json.dumps(meta).encode()})
-    path = OUT / f"{name}.parquet"
-    pq.write_table(table, path, compression="zstd")
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
     (OUT / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
@@ -124,6 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="llama")
     ap.add_argument("--sentences", type=int, default=32, help="dev sentences per direction (fixed subsample)")
+    ap.add_argument("--min-size", type=int, default=1, help="smallest prune set (rows of smaller sets already "
+                    "in the table are kept)")
     ap.add_argument("--max-size", type=int, default=None, help="largest prune set (default: all the model allows)")
     ap.add_argument("--passes", default="decode,kl", help="decode, kl or both, in that order")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -139,7 +168,7 @@ def main() -> None:
         f"data.max_sentences={args.sentences}", f"decoding.max_new_tokens={args.max_new_tokens}",
         "search.threshold=1000", "search.seed_from_store=false", f"output.store={args.store}",
         f"name=ground-truth-{args.model}", "resources.cpus_per_actor=1",
-        f"search.options={{exhaustive: {{max_size: {max_size}, per_ask: 32}}}}"])
+        f"search.options={{exhaustive: {{min_size: {args.min_size}, max_size: {max_size}, per_ask: 32}}}}"])
     t0 = time.time()
 
     def log(msg: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .candidate import BASELINE, Candidate, Evaluation
 from .pareto import hypervolume, non_dominated
-from .strategies import SearchSpace, StopRule, build_strategy
+from .strategies import SearchSpace, StopRule, StrategyError, build_strategy
 from .strategies.exhaustive import allowed_sets
 from .units import unit_sort_key
 
@@ -47,6 +47,7 @@ class Table:
     rows: dict[Candidate, Evaluation]
     proxy: dict[Candidate, Evaluation]  # teacher-forced KL evaluations (score -kl), where the table has them
     meta: dict = field(default_factory=dict)
+    kl_cost: float | None = None  # a KL evaluation in decoded ones, measured elsewhere (None: from the table)
 
     @property
     def space(self) -> SearchSpace:
@@ -54,7 +55,10 @@ class Table:
 
     @property
     def proxy_cost(self) -> float:
-        """A KL evaluation's cost in decoded evaluations: the table's mean seconds ratio (0.4 when unknown)."""
+        """A KL evaluation's cost in decoded evaluations: ``kl_cost`` when given (a ratio measured in one
+        run), else the table's mean seconds ratio (0.4 when unknown)."""
+        if self.kl_cost is not None:
+            return self.kl_cost
         kl = [e.seconds for e in self.proxy.values() if e.seconds > 0]
         full = [e.seconds for c, e in self.rows.items() if c.removed and e.seconds > 0]
         return round(statistics.mean(kl) / statistics.mean(full), 3) if kl and full else 0.4
@@ -386,8 +390,35 @@ def run_study(table: Table, variants: list[Variant], seeds: int, sizes: list[int
                 for key in ("regret", "to_optimum", "cost_to_optimum", "hv_fraction")}
         log(f"[replay] {v.label}: {seeds} seeds x sizes {sizes} in {time.time() - t0:.1f} s")
     report["greedy_analysis"] = greedy_analysis(table, max(sizes), batch)
+    report["threshold_runs"] = threshold_study(table, [v for v in variants if v.keep is None], (1.0, 2.0, 3.0), batch)
     report["target"] = target_check(report)
     return report
+
+
+def threshold_study(table: Table, variants: list[Variant], thresholds: Iterable[float], batch: int = 4) -> list[dict]:
+    """The default search's stop rule (no size target, stop past ``threshold``), one seed per variant:
+    the final set, its score against the exact optimum of its size and of the threshold, evaluations."""
+    out = []
+    for thr in thresholds:
+        floor = table.baseline.score - thr
+        for v in variants:
+            row = {"threshold": thr, "strategy": v.label}
+            try:
+                run = replay(table, v, None, 0, None, batch, threshold=thr)
+            except StrategyError:  # a fixed-size strategy: it needs search.target_removed
+                continue
+            except TableError as e:  # the strategy asked beyond the table's sizes
+                out.append({**row, "skipped": str(e).split(";")[0]})
+                continue
+            final = Candidate.of(run.trace.get("final") or ())
+            k = len(final)
+            deepest = max((len(c) for c, e in table.rows.items() if e.score >= floor - EPS), default=0)
+            out.append({**row, "final": final.units, "size": k, "score": round(table.evaluate(final).score, 4),
+                        "optimum_at_size": round(table.optimum(k), 4) if k else table.baseline.score,
+                        "regret": round(table.optimum(k) - table.evaluate(final).score, 4) if k else 0.0,
+                        "deepest_within_threshold": deepest, "evaluations": len(run.full),
+                        "stop_reason": run.stop_reason})
+    return out
 
 
 def _shown(path: Path) -> str:
@@ -457,8 +488,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost to the optimum / to within 0.5 points: median over seeds (a miss counts as never; "
               "'-' when half the seeds miss), seeds that got there, and the median as a fraction of greedy's budget",
-              "", f"Cost = decoded evaluations + {report['proxy_cost']} x KL-stage evaluations (the table's seconds "
-              "ratio; 0 for variants marked /free); without a KL stage it is the number of decoded evaluations.", "",
+              "", f"Cost = decoded evaluations + {report['proxy_cost']} x KL-stage evaluations "
+              f"({report.get('proxy_cost_source') or 'the table' + chr(39) + 's seconds ratio'}; 0 for variants marked "
+              "/free); without a KL stage it is the number of decoded evaluations.", "",
               "| strategy | " + " | ".join(f"@{k} optimum | @{k} within 0.5" for k in sizes) + " |",
               "|---" * (2 * len(sizes) + 1) + "|"]
     for label, res in report["results"].items():
@@ -495,6 +527,19 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label} | {'yes' if t['met'] else 'no'} | {'yes' if t['met_decoded'] else 'no'} | "
                      f"{f(t['fraction_of_greedy_cost'])} | {f(t['fraction_of_greedy_decoded'])} | "
                      f"{', '.join(f'{k}: {_fmt(v, 3)}' for k, v in t['hv_fraction'].items())} |")
+    runs = report.get("threshold_runs") or []
+    if runs:
+        lines += ["", "## The default stop rule: no size target, stop once the best next set drops more than the "
+                  "threshold (seed 0)", "", "Deepest = the most units any set removes within the threshold (exact).", "",
+                  "| threshold | strategy | final set | size (deepest) | score | optimum at that size | evaluations |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in runs:
+            if r.get("skipped"):
+                lines.append(f"| {r['threshold']} | {r['strategy']} | not run: {r['skipped']} | | | | |")
+                continue
+            lines.append(f"| {r['threshold']} | {r['strategy']} | {' '.join(r['final']) or '(none)'} | {r['size']} "
+                         f"({r['deepest_within_threshold']}) | {r['score']:.2f} | {r['optimum_at_size']:.2f} | "
+                         f"{r['evaluations']} |")
     lines += ["", "![replay](replay.png)", ""]
     return "\n".join(lines)
 
@@ -541,13 +586,19 @@ def plot(report: dict, path: Path) -> Path:
 def run_replay(table_path: str | Path, strategies: list[str | dict | Variant], seeds: int = 30,
                budget: int | None = None, sizes: list[int] | None = None, out_dir: str | Path | None = None,
                options: dict | None = None, batch: int = 4, metric: str | None = None,
-               log: Callable[[str], None] = print) -> Path:
+               log: Callable[[str], None] = print, proxy_cost: float | None = None,
+               proxy_source: str | None = None) -> Path:
     """The seeds study on a table; writes ``replay.{json,md,png}`` into ``out_dir`` (default: next to
     the table) and returns that folder. ``sizes`` default: the table's complete sizes up to 4;
-    ``options``: per strategy, as ``search.options``."""
+    ``options``: per strategy, as ``search.options``; ``proxy_cost``: a KL evaluation's cost in decoded
+    ones (default: the table's seconds ratio)."""
     from .atomic import write_json, write_text
 
     table = load_table(table_path, metric)
+    if proxy_cost is not None:
+        if not 0 <= proxy_cost < 100:
+            raise TableError(f"proxy_cost={proxy_cost}: expected a cost in decoded evaluations, 0 <= cost < 100")
+        table.kl_cost = proxy_cost
     complete = table.complete_sizes()
     sizes = sizes or [k for k in complete if k <= 4]
     bad = [k for k in sizes if k not in complete or k >= len(table.space.removable)]
@@ -559,6 +610,8 @@ def run_replay(table_path: str | Path, strategies: list[str | dict | Variant], s
     if "greedy" not in [v.label for v in variants]:
         variants.insert(0, Variant("greedy", "greedy"))
     report = run_study(table, variants, seeds, sizes, budget, batch, log)
+    if proxy_cost is not None:
+        report["proxy_cost_source"] = proxy_source or "given"
     report["table_meta"] = {k: table.meta.get(k) for k in ("model", "dev", "sentences_per_direction", "eval",
                                                             "signatures", "max_size", "complete_sizes")}
     out = Path(out_dir) if out_dir else table.path.parent

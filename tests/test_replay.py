@@ -204,3 +204,22 @@ def test_compare_replays_the_shipped_table_from_the_cli(tmp_path):
     assert report["sizes"] == [1, 2] and all(greedy[k]["regret"]["median"] == 0 for k in ("1", "2"))
     assert (tmp_path / "replay-llama" / "replay.md").exists()
     assert main(["compare", "--table", str(tmp_path / "none.parquet"), "--strategies", "greedy"]) == 2
+
+
+def test_threshold_runs_compare_the_default_stop_rule_with_the_exact_optimum(tmp_path: Path, table_path: Path) -> None:
+    """Without a size target greedy stops on its own path (enc.1 first) while hybrid ends on the
+    planted pair; both are judged against the exact optimum of their final size; a measured KL
+    cost replaces the table's seconds ratio in the cost columns."""
+    out = run_replay(table_path, ["hybrid", "tpe"], seeds=1, sizes=[1, 2], out_dir=tmp_path / "t",
+                     log=lambda _: None, proxy_cost=0.1, proxy_source="measured here")
+    report = json.loads((out / "replay.json").read_text())
+    runs = {(r["threshold"], r["strategy"]): r for r in report["threshold_runs"]}
+    assert not any(s == "tpe" for _, s in runs)  # fixed-size strategies need a size target
+    greedy, hybrid = runs[(1.0, "greedy")], runs[(1.0, "hybrid")]
+    assert hybrid["final"] == ["enc.2", "dec.1"] and hybrid["regret"] == 0.0
+    assert greedy["size"] == 1 and greedy["deepest_within_threshold"] == 2
+    assert report["proxy_cost"] == 0.1 and report["proxy_cost_source"] == "measured here"
+    text = (out / "replay.md").read_text()
+    assert "0.1 x KL-stage evaluations (measured here" in text and "| 1.0 | hybrid | enc.2 dec.1 | 2 (2) |" in text
+    with pytest.raises(TableError, match="proxy_cost=-1"):
+        run_replay(table_path, ["hybrid"], seeds=1, sizes=[1], out_dir=tmp_path / "u", proxy_cost=-1)
