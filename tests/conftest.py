@@ -108,7 +108,8 @@ def postgres_server():
     import subprocess
     import tempfile
 
-    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg: pip install -e '.[postgres]'")
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg: pip install -e '.[postgres]'",
+                        exc_type=ImportError)
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server: initdb/pg_ctl are neither on PATH nor under /usr/lib/postgresql/*/bin "

@@ -118,16 +118,18 @@ def test_optuna_studies_live_in_the_store_database(postgres_server, name):
 
     units = [f"enc.{i}" for i in range(4)] + [f"dec.{i}" for i in range(4)]
     base = Evaluation(BASELINE, 30.0, 1000, 4000, {}, 4, 0.01)
-    search = SearchConfig(strategy=name, target_removed=2, max_evaluations=10, seed=3)
+    search = SearchConfig(strategy=name, target_removed=2, max_evaluations=6, seed=3)
     memory = make_strategy(search, units, base, batch=4)
     in_memory = _drive(memory)
     with ResultStore(new_database(postgres_server)) as store:
-        for attempt in (1, 2):
-            kept = make_strategy(search, units, base, batch=4)
-            kept.keep_study(store.optuna_storage(), f"run-x:{name}")
-            assert _drive(kept) == in_memory
+        killed = make_strategy(search, units, base, batch=4)  # a first attempt, killed after one batch
+        killed.keep_study(store.optuna_storage(), f"run-x:{name}")
+        killed.ask()
+        resumed = make_strategy(search, units, base, batch=4)
+        resumed.keep_study(store.optuna_storage(), f"run-x:{name}")
+        assert _drive(resumed) == in_memory
         study = optuna.load_study(study_name=f"run-x:{name}", storage=store.location.sqlalchemy_url)
-        assert len(study.trials) == len(memory.study.trials) > 0  # the second attempt replaced the first
+        assert len(study.trials) == len(memory.study.trials) > 0  # the resumed attempt replaced the killed one
         assert [t.values for t in study.trials] == [t.values for t in memory.study.trials]
         assert optuna.get_all_study_names(store.location.sqlalchemy_url) == [f"run-x:{name}"]
         assert store.count() == 0 and store.contexts() == []  # Optuna's tables sit beside the store's
