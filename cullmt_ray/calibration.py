@@ -55,6 +55,7 @@ def run_calibration_study(cfg: SearchRunConfig, calibrations: list[str]) -> Path
             es = session.service.evalset(dirs)
             (base_c,) = session.evaluate([BASELINE], "baseline", es)
             strategy = make_strategy(cfg.search, session.units, base_c, batch=session.batch)
+            session.keep_study(strategy, f"{strategy.name}@{spec}")
             asked = 0
             while batch := strategy.ask():
                 strategy.tell(session.evaluate(batch, f"{strategy.name}@{spec}", es))

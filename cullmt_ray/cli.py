@@ -66,7 +66,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="evaluator actors (default: one per GPU, else one per CPU)")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001, host:6379; http://host:8265 runs "
                                       "the command as a Ray job, see submit); default: start locally")
-    p.add_argument("--store", help="results store (SQLite file); default results/store.sqlite")
+    p.add_argument("--store", help="results store: a SQLite file (default results/store.sqlite) or a shared "
+                                    "PostgreSQL database postgresql://USER[:PASSWORD]@HOST[:PORT]/DB")
 
 
 def _strategy_names() -> tuple[str, ...]:
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="(re)export the Pareto front of a run folder or a whole store",
                        description="Write pareto.{csv,json,parquet,png} for a run folder, or for every "
                                    "evaluation context of a results store (one folder per context).")
-    p.add_argument("run_dir", help="a run folder made by cullmt-ray search, or a results store (.sqlite)")
+    p.add_argument("run_dir", help="a run folder made by cullmt-ray search, or a results store (.sqlite file or "
+                                    "postgresql://...)")
     p.add_argument("--store", help="results store; default: the one the run used")
     p.add_argument("--out", help="output folder (default: the run folder)")
     r = sub.add_parser("report", help="(re)write a run folder's report.html and sensitivity heatmap",
@@ -368,7 +370,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from .store import ResultStore
 
     target = Path(args.run_dir)
-    if target.is_file():  # a results store: one front per evaluation context
+    if "://" in args.run_dir:  # a database URL: a results store, fronts under --out (default ./pareto)
+        with ResultStore(args.run_dir, read_only=True) as store:
+            files = export_store(store, Path(args.out or "pareto"))
+    elif target.is_file():  # a results store: one front per evaluation context
         with ResultStore(target, read_only=True) as store:
             files = export_store(store, Path(args.out or target.parent / "pareto"))
     else:

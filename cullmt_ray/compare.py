@@ -33,6 +33,7 @@ def _run_strategy(session: Session, name: str, baseline: Evaluation, budget: int
     """Run one strategy to its end or its budget; its evaluations in the order it saw them."""
     strategy = make_strategy(session.cfg.search, session.units, baseline, name=name, max_evaluations=budget,
                              batch=session.batch, target_removed=size)
+    session.keep_study(strategy)
     seen: list[Evaluation] = []
     spent = session.service.budget
     computed0, requested0, t0 = spent.evaluated, spent.requested, time.time()

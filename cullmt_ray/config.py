@@ -227,7 +227,15 @@ class ResourcesConfig:
 @dataclass
 class OutputConfig:
     dir: str = "results/runs"
-    store: str = "results/store.sqlite"
+    store: str = "results/store.sqlite"  # a SQLite file, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (dburl.py)
+
+    def check(self) -> None:
+        from .dburl import StoreError, parse_store
+
+        try:
+            parse_store(self.store)
+        except StoreError as e:
+            raise ConfigError(f"output.store: {e}") from None
 
 
 EXPERT_CONTROLS = ("random", "reverse")
@@ -280,7 +288,10 @@ class NamedConfig:
         _plain_name("name", self.name)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as plain data, as written to config.yaml and run.json: URL passwords masked."""
+        from .dburl import mask_secrets
+
+        return mask_secrets(dataclasses.asdict(self))
 
 
 @dataclass

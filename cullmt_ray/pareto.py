@@ -136,7 +136,7 @@ def export_context(store, context: str, out_dir: Path, title: str | None = None,
 
     baseline = store.get(context, BASELINE)
     if baseline is None:
-        raise ValueError(f"{store.path}: context {context} has no baseline evaluation; nothing to export")
+        raise ValueError(f"{store.name}: context {context} has no baseline evaluation; nothing to export")
     desc = store.context_description(context)
     evals = list(store.evaluations(context))
     paths = {trace.get("strategy", "search"): strategy_path(trace, baseline)} if trace else None
@@ -153,9 +153,9 @@ def export_store(store, out: Path) -> list[Path]:
     files: list[Path] = []
     for context in store.contexts():
         if not re.fullmatch(r"[0-9a-f]{16}", context):
-            raise ValueError(f"{store.path}: context key {context!r} is not one cullmt-ray writes (16 hex digits)")
+            raise ValueError(f"{store.name}: context key {context!r} is not one cullmt-ray writes (16 hex digits)")
         if store.get(context, BASELINE) is not None:
             files += list(export_context(store, context, out / context).values())
     if not files:
-        raise ValueError(f"{store.path}: no context with a baseline evaluation; nothing to export")
+        raise ValueError(f"{store.name}: no context with a baseline evaluation; nothing to export")
     return files

@@ -31,6 +31,7 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
         (baseline,) = session.evaluate([BASELINE], "baseline")
         log.info("baseline %s = %.2f, %.2fM params", cfg.metric.primary, baseline.score, baseline.params / 1e6)
         strategy = make_strategy(cfg.search, session.units, baseline, batch=session.batch)
+        session.keep_study(strategy)
         if cfg.search.seed_from_store:
             strategy.seed_with([e for e in session.store.evaluations(session.calibration.context) if e.candidate])
         if cfg.search.driver == "tune":

@@ -300,6 +300,13 @@ class Session:
     def evaluate_staged(self, candidates: list[Candidate], strategy: str) -> list[Evaluation]:
         return self.service.evaluate_staged(candidates, strategy, self.calibration)
 
+    def keep_study(self, strategy, label: str | None = None) -> None:
+        """An Optuna strategy keeps its study in the results database (PostgreSQL), named
+        ``RUN:LABEL`` (default the strategy's name), for optuna-dashboard; a no-op for SQLite stores."""
+        storage = self.store.optuna_storage()
+        if storage is not None and hasattr(strategy, "keep_study"):
+            strategy.keep_study(storage, f"{self.run_id}:{label or strategy.name}")
+
     def write_status(self, **fields) -> None:
         """Update ``run.json`` (atomically); a session without a run folder only keeps the fields."""
         self.status.update(fields)
@@ -378,7 +385,7 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
                              calibration=[direction_name(d) for d in calib_dirs],
                              signatures=calib.description["signatures"])
         log.info("%s %s: %d evaluator actor(s), %d calibration direction(s), store %s", verb, run_id, pool.size,
-                 len(calib_dirs), cfg.output.store)
+                 len(calib_dirs), store.name)
         yield session
         if status["status"] == "running":
             session.finish()

@@ -1,4 +1,8 @@
-"""Persistent results: every evaluation in SQLite (WAL), keyed by context and candidate.
+"""Persistent results: every evaluation in one database, keyed by context and candidate.
+
+The database is a SQLite file (WAL; the embedded default) or PostgreSQL (``postgresql://...``: a
+store shared by a team, or by jobs on a cluster), with the same schema and the same claims
+(:mod:`cullmt_ray.dburl` parses the location).
 
 The *context* is everything that makes two evaluations comparable: model, dev set content,
 directions, metric signatures, decoding settings and dtype. Within a context, a candidate is
@@ -7,21 +11,25 @@ its evaluation finishes, so a killed search loses at most the evaluations in fli
 
 Concurrent runs on one store never compute the same candidate: a driver *claims* each candidate
 it computes (owner + lease in the ``claims`` table), others wait for that row instead of
-recomputing it, and a dead owner's claim expires when its lease is not renewed.
+recomputing it, and a dead owner's claim expires when its lease is not renewed. A claim is one
+transaction that holds the claims table (SQLite ``BEGIN IMMEDIATE``, PostgreSQL ``LOCK TABLE``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .candidate import Candidate, Evaluation
 from .data import dumps_canonical
+from .dburl import StoreError, StoreLocation, parse_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS contexts (
@@ -53,6 +61,8 @@ CREATE TABLE IF NOT EXISTS claims (   -- candidates being computed now, by whom,
     PRIMARY KEY (context, candidate)
 );
 """
+PG_SCHEMA = SCHEMA.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")  # SQLite's are 64-bit
+PG_SCHEMA_LOCK = 0x63756C6C  # advisory lock: drivers starting together create the tables once
 CLAIM_LEASE = 60.0  # seconds a claim lives unless its owner renews it (every lease/4 while alive)
 
 
@@ -84,31 +94,125 @@ def context_key(description: dict) -> str:
     return hashlib.sha256(dumps_canonical(description).encode()).hexdigest()[:16]
 
 
-class StoreError(ValueError):
-    """A results store that cannot be used; one line naming the file."""
-
-
 class ResultStore:
-    """SQLite-backed store; safe for one writer process (the driver) and many readers."""
+    """The results store (SQLite file or PostgreSQL database); one connection per instance, safe for one
+    writer per process (the driver), other processes and drivers with their own connections."""
 
-    def __init__(self, path: str | Path, read_only: bool = False):
-        self.path = Path(path)
+    def __init__(self, location: str | Path, read_only: bool = False):
+        self.location: StoreLocation = parse_store(location)
+        self.name = self.location.shown  # in messages: the file, or the URL without its password
+        self.path = self.location.path  # the SQLite file; None for PostgreSQL
+        self.pg = self.location.kind == "postgresql"
+        self._optuna = None  # Optuna's storage in this database, made on first use
+        if self.pg:
+            self.db = self._connect_pg(read_only)
+            return
         if self.path.exists():
             _check_file(self.path)
         elif read_only:
-            raise StoreError(f"results store {str(path)!r} does not exist")
+            raise StoreError(f"results store {str(location)!r} does not exist")
         try:
             if read_only:
                 self.db = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30,
                                           isolation_level=None)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                self.db = self._connect()
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"results store {str(path)!r}: cannot open it ({e})") from None
+            raise StoreError(f"results store {str(location)!r}: cannot open it ({e})") from None
+
+    def _connect(self, read_only: bool = False):
+        """A new connection in autocommit mode (the claim keeper's thread opens its own)."""
+        if not self.pg:
+            return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        import psycopg
+
+        opts = {"options": "-c default_transaction_read_only=on"} if read_only else {}
+        return psycopg.connect(self.location.conninfo, autocommit=True, connect_timeout=10, **opts)
+
+    def _connect_pg(self, read_only: bool):
+        """Connect, then create the tables (or, read-only, check that they are there)."""
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError(f"results store {self.name!r}: PostgreSQL needs the psycopg driver; "
+                             "pip install 'cullmt-ray[postgres]'") from None
+        try:
+            db = self._connect(read_only)
+        except psycopg.Error as e:
+            why = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+            why = re.sub(r"^connection failed: (connection to server at .*?, port \d+ failed: )?", "", why)
+            why = re.sub(r"FATAL:\s+", "", why)
+            hint = ("; the password comes from the URL, PGPASSWORD or ~/.pgpass (a run folder keeps none)"
+                    if "password" in why else "")
+            raise StoreError(f"results store {self.name!r}: cannot connect ({why[:200]}){hint}; expected a "
+                             "reachable PostgreSQL server, postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE") from None
+        try:
+            tables = {t for (t,) in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+            if tables and "evaluations" in tables and "contexts" not in tables:
+                raise StoreError(f"results store {self.name!r}: its evaluations table is not a cullmt-ray store's")
+            if read_only and not {"contexts", "evaluations"} <= tables:
+                raise StoreError(f"results store {self.name!r} has no cullmt-ray tables; expected a database "
+                                 "some cullmt-ray run has written")
+            if not read_only:
+                with db.transaction():
+                    db.execute(f"SELECT pg_advisory_xact_lock({PG_SCHEMA_LOCK})")
+                    db.execute(PG_SCHEMA)
+        except BaseException as e:
+            db.close()
+            if isinstance(e, psycopg.Error):
+                raise StoreError(f"results store {self.name!r}: cannot use it ({str(e).strip()[:200]})") from None
+            raise
+        return db
+
+    def _sql(self, db, sql: str, args=()):
+        """Run one statement (``?`` placeholders, as SQLite writes them) on ``db``."""
+        return db.execute(sql.replace("?", "%s") if self.pg else sql, args)
+
+    def _x(self, sql: str, args=()):
+        return self._sql(self.db, sql, args)
+
+    @contextmanager
+    def _claims_locked(self) -> Iterator[None]:
+        """One transaction that holds the claims table against other writers until it ends."""
+        if self.pg:
+            with self.db.transaction():
+                self.db.execute("LOCK TABLE claims IN SHARE ROW EXCLUSIVE MODE")
+                yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        """The driver's database errors."""
+        if self.pg:
+            import psycopg
+
+            return (psycopg.Error,)
+        return (sqlite3.Error,)
+
+    def optuna_storage(self):
+        """Optuna's RDB storage in this database (PostgreSQL; made once, its tables created under the
+        schema lock so that drivers starting together do not race); None for SQLite (studies stay in memory)."""
+        if not self.pg:
+            return None
+        if self._optuna is None:
+            import optuna
+
+            with self.db.transaction():
+                self.db.execute(f"SELECT pg_advisory_xact_lock({PG_SCHEMA_LOCK})")
+                self._optuna = optuna.storages.RDBStorage(self.location.sqlalchemy_url,
+                                                          engine_kwargs={"pool_pre_ping": True})
+        return self._optuna
 
     def __enter__(self) -> ResultStore:
         return self
@@ -117,86 +221,90 @@ class ResultStore:
         self.close()
 
     def close(self) -> None:
+        if self._optuna is not None:
+            self._optuna.engine.dispose()
         self.db.close()
 
     def register_context(self, description: dict) -> str:
         key = context_key(description)
-        self.db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (key, dumps_canonical(description)))
+        self._x("INSERT INTO contexts VALUES (?, ?) ON CONFLICT DO NOTHING", (key, dumps_canonical(description)))
         return key
 
     def context_description(self, context: str) -> dict:
-        row = self.db.execute("SELECT description FROM contexts WHERE context=?", (context,)).fetchone()
+        row = self._x("SELECT description FROM contexts WHERE context=?", (context,)).fetchone()
         if row is None:
-            raise KeyError(f"context {context} is not in {self.path}")
-        return _json(row[0], self.path, f"context {context}")
+            raise KeyError(f"context {context} is not in {self.name}")
+        return _json(row[0], self.name, f"context {context}")
 
     def contexts(self) -> list[str]:
-        return [c for (c,) in self.db.execute("SELECT context FROM contexts ORDER BY rowid")]
+        order = "(SELECT MIN(created) FROM evaluations e WHERE e.context = contexts.context), context" \
+            if self.pg else "rowid"  # PostgreSQL has no rowid: in the order of their first evaluation
+        return [c for (c,) in self._x(f"SELECT context FROM contexts ORDER BY {order}")]
 
     def get(self, context: str, candidate: Candidate) -> Evaluation | None:
-        row = self.db.execute("SELECT * FROM evaluations WHERE context=? AND candidate=?",
-                              (context, candidate.key)).fetchone()
+        row = self._x("SELECT * FROM evaluations WHERE context=? AND candidate=?", (context, candidate.key)).fetchone()
         return self._from_row(row, cached=True) if row else None
 
     def put(self, context: str, ev: Evaluation) -> None:
         """Insert atomically; a candidate already stored keeps its first evaluation."""
         r = ev.as_row()
-        self.db.execute(
-            "INSERT OR IGNORE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        self._x(
+            "INSERT INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (context, r["candidate"], json.dumps(r["units"]), r["n_removed"], r["params"], r["bytes"],
              r["score"], json.dumps(r["metrics"]), r["sentences"], r["seconds"], r["strategy"], r["run"],
              r["actor"], time.time()))
-        self.db.execute("DELETE FROM claims WHERE context=? AND candidate=?", (context, r["candidate"]))
+        self._x("DELETE FROM claims WHERE context=? AND candidate=?", (context, r["candidate"]))
 
     # ------------------------------------------------------------------ claims (concurrent runs)
     def claim(self, context: str, candidate: Candidate, owner: str, lease: float = CLAIM_LEASE) -> str:
         """Try to take ``candidate`` for computing: ``'stored'`` (its row exists), ``'mine'`` (claimed now,
         or already ours) or ``'taken'`` (another owner's claim that has not expired)."""
         now = time.time()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            if self.db.execute("SELECT 1 FROM evaluations WHERE context=? AND candidate=?",
-                               (context, candidate.key)).fetchone():
+        with self._claims_locked():
+            if self._x("SELECT 1 FROM evaluations WHERE context=? AND candidate=?", (context, candidate.key)).fetchone():
                 return "stored"
-            row = self.db.execute("SELECT owner, expires FROM claims WHERE context=? AND candidate=?",
-                                  (context, candidate.key)).fetchone()
+            row = self._x("SELECT owner, expires FROM claims WHERE context=? AND candidate=?",
+                          (context, candidate.key)).fetchone()
             if row is not None and row[0] != owner and row[1] > now and not _dead_here(row[0]):
                 return "taken"
-            self.db.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)", (context, candidate.key, owner, now + lease))
+            self._x("INSERT INTO claims VALUES (?,?,?,?) ON CONFLICT (context, candidate) DO UPDATE "
+                    "SET owner=excluded.owner, expires=excluded.expires", (context, candidate.key, owner, now + lease))
             return "mine"
-        finally:
-            self.db.execute("COMMIT")
 
     def release(self, context: str, candidate: Candidate, owner: str) -> None:
-        self.db.execute("DELETE FROM claims WHERE context=? AND candidate=? AND owner=?", (context, candidate.key, owner))
+        self._x("DELETE FROM claims WHERE context=? AND candidate=? AND owner=?", (context, candidate.key, owner))
 
     def release_all(self, owner: str) -> None:
-        self.db.execute("DELETE FROM claims WHERE owner=?", (owner,))
+        self._x("DELETE FROM claims WHERE owner=?", (owner,))
 
     def renew(self, owner: str, lease: float = CLAIM_LEASE) -> None:
-        self.db.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease, owner))
+        self._x("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease, owner))
 
     def claims(self, context: str | None = None) -> list[tuple[str, str, str, float]]:
         sql, args = "SELECT context, candidate, owner, expires FROM claims", ()
         if context:
             sql, args = sql + " WHERE context=?", (context,)
-        return list(self.db.execute(sql, args))
+        return [tuple(r) for r in self._x(sql, args)]
 
     def keep_claims(self, owner: str, lease: float = CLAIM_LEASE) -> threading.Event:
         """Renew ``owner``'s claims every ``lease``/4 s from a daemon thread (its own connection) until
         the returned event is set; when the process dies the renewals stop and the claims expire."""
         stop = threading.Event()
+        errors = self.errors
 
         def renew() -> None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = None
             try:
                 while not stop.wait(lease / 4):
                     try:
-                        db.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease, owner))
-                    except sqlite3.Error:
-                        pass  # busy for longer than the timeout: the next round renews
+                        db = db or self._connect()
+                        self._sql(db, "UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease, owner))
+                    except errors:  # busy for longer than the timeout, or the server away: the next round renews
+                        if db is not None and self.pg and db.closed:
+                            db = None
             finally:
-                db.close()
+                if db is not None:
+                    db.close()
 
         threading.Thread(target=renew, name="cullmt-claims", daemon=True).start()
         return stop
@@ -207,7 +315,7 @@ class ResultStore:
             sql, args = sql + " AND context=?", args + [context]
         if run:
             sql, args = sql + " AND run=?", args + [run]
-        for row in self.db.execute(sql + " ORDER BY created", args):
+        for row in self._x(sql + " ORDER BY created", args).fetchall():
             yield self._from_row(row, cached=True)
 
     def count(self, context: str | None = None, run: str | None = None, strategy: str | None = None) -> int:
@@ -219,14 +327,14 @@ class ResultStore:
             sql, args = sql + " AND run=?", args + [run]
         if strategy:
             sql, args = sql + " AND (strategy=? OR strategy LIKE ?)", args + [strategy, strategy + ":%"]
-        return self.db.execute(sql, args).fetchone()[0]
+        return self._x(sql, args).fetchone()[0]
 
     def _from_row(self, row, cached: bool) -> Evaluation:
         (ctx, key, units, _n, params, nbytes, score, metrics, sentences, seconds, strategy, run, actor,
          _created) = row
         where = f"row (context {ctx}, candidate {key}: {str(units)[:80]})"
-        return Evaluation(Candidate.of(_json(units, self.path, where)), score, params, nbytes,
-                          _json(metrics, self.path, where), sentences, seconds, strategy, run, actor, cached=cached)
+        return Evaluation(Candidate.of(_json(units, self.name, where)), score, params, nbytes,
+                          _json(metrics, self.name, where), sentences, seconds, strategy, run, actor, cached=cached)
 
 
 def _dead_here(owner: str) -> bool:
@@ -248,8 +356,8 @@ def _dead_here(owner: str) -> bool:
     return False
 
 
-def _json(text: str, path: Path, where: str):
+def _json(text: str, name: str, where: str):
     try:
         return json.loads(text)
     except (TypeError, ValueError):
-        raise StoreError(f"results store {path}: {where} holds broken JSON {str(text)[:40]!r}") from None
+        raise StoreError(f"results store {name}: {where} holds broken JSON {str(text)[:40]!r}") from None

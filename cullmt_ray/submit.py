@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import __version__
+from .dburl import mask
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git", "results", "*.sqlite", "*.sqlite-*", ".pytest_cache", "__pycache__", "*.egg-info", ".benchmarks",
@@ -236,7 +237,7 @@ def run_submit(args) -> int:
     else:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         sid = args.submission_id or f"cullmt-{cmd[0]}-{stamp}-{secrets.token_hex(2)}"
-        metadata = {"cullmt_ray.command": cmd[0], "cullmt_ray.args": shlex.join(cmd[1:]),
+        metadata = {"cullmt_ray.command": cmd[0], "cullmt_ray.args": mask(shlex.join(cmd[1:])),
                     "cullmt_ray.version": __version__, "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
                     **meta}
         entrypoint = shlex.join(["python", "-m", "cullmt_ray.cli", *cmd])
@@ -248,7 +249,10 @@ def run_submit(args) -> int:
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SubmitError(f"submitting to {address} failed: {first[:300]}") from None
-        print(f"[cullmt-ray] submitted {sid}: {entrypoint}", flush=True)
+        print(f"[cullmt-ray] submitted {sid}: {mask(entrypoint)}", flush=True)
+        if mask(entrypoint) != entrypoint:
+            print("[cullmt-ray] note: a password in a URL is part of the job's entrypoint; set PGPASSWORD on the "
+                  "cluster instead (cluster/README.md)", flush=True)
         if not any(a == "--output" or a.startswith("--output=") for a in cmd):
             print("[cullmt-ray] note: the run folder is written on the cluster, under the job's working directory; "
                   "pass --output and --store on shared storage to keep it", flush=True)

@@ -80,3 +80,100 @@ def search_config(tmp_path, model, dev, **extra):
             "resources.actors=2", "name=t"]
     sets += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
     return load_config(None, sets)
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+PG_PASSWORD = "s3cret-pw"  # the test server wants a password over TCP (scram), so masking is tested for real
+
+
+def _pg_bin() -> Path | None:
+    """The folder with initdb and pg_ctl: on PATH, else the newest /usr/lib/postgresql/*/bin."""
+    import shutil
+
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(shutil.which("initdb")).resolve().parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if
+                   p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on a free port (initdb + pg_ctl, data in /tmp, fsync off), its base URL
+    ``postgresql://cullmt:PASSWORD@127.0.0.1:PORT``; skipped, with the reason, where none can start.
+    As root the server runs as the ``postgres`` user (initdb refuses root), through runuser."""
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg: pip install -e '.[postgres]'",
+                        exc_type=ImportError)
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server: initdb/pg_ctl are neither on PATH nor under /usr/lib/postgresql/*/bin "
+                    "(apt-get install postgresql)")
+    prefix: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="cullmt-pg-"))
+    if os.geteuid() == 0:
+        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+        if user is None or not shutil.which("runuser"):
+            pytest.skip("running as root, and no postgres user or runuser to start PostgreSQL as another user")
+        prefix = ["runuser", "-u", user, "--"]
+        pw = pwd.getpwnam(user)
+        os.chown(folder, pw.pw_uid, pw.pw_gid)
+    (pwfile := folder / "pw").write_text(PG_PASSWORD + "\n")
+    os.chmod(pwfile, 0o644)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, logfile = folder / "data", folder / "log"
+    run = lambda *a: subprocess.run(prefix + [str(bindir / a[0]), *a[1:]], capture_output=True, text=True)  # noqa: E731
+    out = run("initdb", "-D", str(data), "-U", "cullmt", "--pwfile", str(pwfile), "--auth-local=trust",
+              "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+    if out.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"initdb failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    opts = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
+           "-c full_page_writes=off -c max_connections=200"
+    out = run("pg_ctl", "-D", str(data), "-o", opts, "-l", str(logfile), "-w", "-t", "60", "start")
+    if out.returncode != 0:
+        log = logfile.read_text()[-500:] if logfile.exists() else out.stderr
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"PostgreSQL did not start: {log}")
+    try:
+        yield f"postgresql://cullmt:{PG_PASSWORD}@127.0.0.1:{port}"
+    finally:
+        run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def new_database(server: str) -> str:
+    """A fresh, empty database on the test server; its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """Where a store test puts its store: a SQLite file, or a fresh PostgreSQL database (skipped without a server)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "s.sqlite")
+    return new_database(request.getfixturevalue("postgres_server"))

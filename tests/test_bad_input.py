@@ -109,6 +109,12 @@ CASES = [
     ("store-text", "search", {"--store": "{file}"}, [], 2, "is not a SQLite database"),
     ("store-foreign", "search", {"--store": "{store_foreign}"}, [], 2, "a SQLite database of something else"),
     ("store-a-folder", "search", {"--store": "{dev}"}, [], 2, "is not a file"),
+    ("store-unknown-scheme", "search", {"--store": "mysql://u:pw@host/db"}, [], 2,
+     "results store 'mysql://u:***@host/db': unknown database scheme 'mysql'"),
+    ("store-postgres-unreachable", "search", {"--store": "postgresql://u:pw@127.0.0.1:1/db"}, [], 2,
+     "results store 'postgresql://u:***@127.0.0.1:1/db': "),
+    ("pareto-postgres-unreachable", "pareto", None, ["postgresql://u:pw@127.0.0.1:1/db"], 2,
+     "results store 'postgresql://u:***@127.0.0.1:1/db': "),
     # --- resume
     ("resume-not-a-run", "search", {}, ["--resume", "/not-a-run"], 2, "--resume /not-a-run: no config.yaml"),
     ("resume-broken-config", "search", {}, ["--resume", "{run_broken}"], 2, "not valid YAML"),

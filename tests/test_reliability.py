@@ -24,8 +24,8 @@ def ev(units, score=10.0, run="r"):
 
 
 # ----------------------------------------------------------------------------- claims
-def test_claims_keep_a_candidate_with_one_owner_until_stored_or_expired(tmp_path):
-    a, b = ResultStore(tmp_path / "s.sqlite"), ResultStore(tmp_path / "s.sqlite")  # two drivers, two connections
+def test_claims_keep_a_candidate_with_one_owner_until_stored_or_expired(store_url):
+    a, b = ResultStore(store_url), ResultStore(store_url)  # two drivers, two connections
     ctx = a.register_context({"m": 1})
     c = Candidate.of(["enc.1"])
     assert a.claim(ctx, c, "A") == "mine"
@@ -42,8 +42,8 @@ def test_claims_keep_a_candidate_with_one_owner_until_stored_or_expired(tmp_path
     assert a.claims() == []
 
 
-def test_a_live_owner_keeps_renewing_its_claims(tmp_path):
-    a, b = ResultStore(tmp_path / "s.sqlite"), ResultStore(tmp_path / "s.sqlite")
+def test_a_live_owner_keeps_renewing_its_claims(store_url):
+    a, b = ResultStore(store_url), ResultStore(store_url)
     ctx = a.register_context({"m": 1})
     c = Candidate.of(["enc.1"])
     assert a.claim(ctx, c, "A", lease=0.4) == "mine"
@@ -57,14 +57,14 @@ def test_a_live_owner_keeps_renewing_its_claims(tmp_path):
     assert b.claim(ctx, c, "B") == "mine"
 
 
-def test_a_claim_of_a_dead_process_on_this_host_is_void_at_once(tmp_path):
+def test_a_claim_of_a_dead_process_on_this_host_is_void_at_once(store_url):
     import socket
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    s = ResultStore(tmp_path / "s.sqlite")
+    s = ResultStore(store_url)
     ctx = s.register_context({"m": 1})
     c = Candidate.of(["enc.1"])
     assert s.claim(ctx, c, f"{socket.gethostname()}:{dead}:run:x") == "mine"
@@ -108,9 +108,9 @@ def _service(path, run):
     return svc, es
 
 
-def test_a_candidate_another_run_computes_is_waited_for_not_recomputed(tmp_path):
+def test_a_candidate_another_run_computes_is_waited_for_not_recomputed(store_url):
     os.environ["CULLMT_NO_PROGRESS"] = "1"
-    path = tmp_path / "s.sqlite"
+    path = store_url
     other, es = _service(path, "other")
     mine, _ = _service(path, "mine")
     busy = Candidate.of(["enc.1"])
@@ -123,9 +123,9 @@ def test_a_candidate_another_run_computes_is_waited_for_not_recomputed(tmp_path)
     assert mine.store.claims() == []
 
 
-def test_a_dead_runs_claim_expires_and_is_taken_over(tmp_path):
+def test_a_dead_runs_claim_expires_and_is_taken_over(store_url):
     os.environ["CULLMT_NO_PROGRESS"] = "1"
-    path = tmp_path / "s.sqlite"
+    path = store_url
     mine, es = _service(path, "mine")
     c = Candidate.of(["enc.1"])
     assert ResultStore(path).claim(es.context, c, "dead-driver", lease=0.3) == "mine"

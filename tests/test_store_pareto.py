@@ -21,18 +21,20 @@ def test_candidate_key_is_canonical():
     assert BASELINE.key != Candidate.of(["enc.0"]).key
 
 
-def test_store_persists_and_never_overwrites(tmp_path):
-    s = ResultStore(tmp_path / "s.sqlite")
+def test_store_persists_and_never_overwrites(store_url):
+    s = ResultStore(store_url)
     ctx = s.register_context({"model": "m", "eval": 1})
     assert s.register_context({"eval": 1, "model": "m"}) == ctx  # key independent of order
     s.put(ctx, ev(["enc.0"], 10.0, 100))
     s.put(ctx, ev(["enc.0"], 99.0, 100))  # a second write of the same candidate is ignored
     s.close()
-    s = ResultStore(tmp_path / "s.sqlite")
+    s = ResultStore(store_url)
     got = s.get(ctx, Candidate.of(["enc.0"]))
     assert got.score == 10.0 and got.cached and s.count(ctx) == 1
     assert s.get(ctx, Candidate.of(["enc.1"])) is None
     assert s.get(s.register_context({"model": "other"}), Candidate.of(["enc.0"])) is None
+    assert s.contexts() == [ctx, s.register_context({"model": "other"})]
+    s.close()
 
 
 def test_non_dominated_and_hypervolume():

@@ -57,6 +57,19 @@ class OptunaStrategy(BaseStrategy):
     def _value(self, e: Evaluation) -> float | list[float]:
         """What the study optimises for one evaluation."""
 
+    def keep_study(self, storage: optuna.storages.BaseStorage, name: str) -> None:
+        """Keep the study in ``storage`` (the results database) as ``name``, before its first trial. A study
+        of that name left by an earlier attempt of the run is replaced: the resumed run replays every
+        stored result into the new one (nothing is recomputed), so it ends as an uninterrupted run's."""
+        if self.study.trials:
+            raise RuntimeError(f"{self.name}: keep_study after the study began")
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass
+        self.study = optuna.create_study(storage=storage, study_name=name, sampler=self.study.sampler,
+                                         directions=self.study.directions)
+
     def _fits(self, c: Candidate) -> bool:
         return self.space.allows(c)
 
