@@ -407,8 +407,8 @@ def threshold_study(table: Table, variants: list[Variant], thresholds: Iterable[
                 run = replay(table, v, None, 0, None, batch, threshold=thr)
             except StrategyError:  # a fixed-size strategy: it needs search.target_removed
                 continue
-            except TableError as e:  # the strategy asked beyond the table's sizes
-                out.append({**row, "skipped": str(e).split(";")[0]})
+            except TableError:  # the strategy asked beyond the table's sizes
+                out.append({**row, "skipped": f"it asks sets the table lacks (complete sizes {table.complete_sizes()})"})
                 continue
             final = Candidate.of(run.trace.get("final") or ())
             k = len(final)
