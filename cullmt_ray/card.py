@@ -73,8 +73,13 @@ def _loss_text(t: dict) -> str:
         parts.append(f"{t['word_kd']:g} x token-level KL to the unpruned model")
     if t.get("hidden_kd"):
         parts.append(f"{t['hidden_kd']:g} x relative squared error to its final hidden states")
+    if t.get("layer_kd"):
+        where = "every kept layer" if t.get("layer_kd_at") == "kept" else "the kept layers next to the cut"
+        parts.append(f"{t['layer_kd']:g} x relative squared error to its outputs of {where}")
     drop = "on" if t.get("model_dropout", True) else "off"
-    return f"{' + '.join(parts)}; the frozen model's dropout {drop}"
+    chosen = ("; the checkpoint with the lowest validation KL to the unpruned model exported"
+              if t.get("select") == "val_kl" else "")
+    return f"{' + '.join(parts)}; the frozen model's dropout {drop}{chosen}"
 
 
 def healed_card(info: dict) -> str:

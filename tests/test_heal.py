@@ -150,6 +150,47 @@ def test_hidden_state_kd_is_zero_against_itself_and_adds_to_the_kl_of_a_pruned_m
             assert max(grads.values()) > 0
 
 
+def test_matched_layers_are_the_kept_ones_next_to_each_cut():
+    from cullmt_ray.heal.lora import matched_layers
+
+    # (stack, student index, teacher index): enc.2 now ends the encoder (its top three went), dec.4 follows dec.3
+    assert matched_layers({"enc": 6, "dec": 6}, ["enc.3", "enc.4", "enc.5", "dec.3"]) == [("enc", 2, 5), ("dec", 3, 4)]
+    assert matched_layers({"layer": 6}, ["layer.2", "layer.4"]) == [("layer", 2, 3), ("layer", 3, 5)]
+    assert matched_layers({"layer": 6}, ["layer.0", "layer.1"]) == [("layer", 0, 2)]
+    assert matched_layers({"layer": 6}, ["layer.2", "layer.5"], at="kept") == [
+        ("layer", 0, 0), ("layer", 1, 1), ("layer", 2, 3), ("layer", 3, 5)]
+    assert matched_layers({"enc": 3, "dec": 3}, ["dec.1"]) == [("dec", 1, 2)]  # nothing in the whole encoder
+
+
+@pytest.mark.parametrize("unit,zero", [("dec.2", True), ("dec.1", False)])
+def test_layer_kd_matches_the_decoder_layers_next_to_a_decoder_cut(unit, zero, tiny_encdec):
+    """The tiny model's dec.2 is an identity: without it dec.1 still gives the teacher's top output (term 0).
+    Without the real dec.1 the term is positive and, unlike hidden_kd (the encoder output), trains the decoder."""
+    from peft import get_peft_model
+
+    from cullmt_ray.heal.lora import collate, encode, matched_modules, peft_config, training_loss
+
+    spec = ModelConfig(str(tiny_encdec))
+    fam, teacher = load_family(spec), load_family(spec)
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"])
+    pairs = [("eng_Latn", "deu_Latn", a, b) for a, b in zip(ds.lines["eng_Latn"][:8], ds.lines["deu_Latn"][:8])]
+    batch = collate(encode(fam, pairs, 64), fam.tokenizer.pad_token_id, "cpu")
+    with fam.apply([unit]):
+        model = get_peft_model(fam.model, peft_config(fam, {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                            "target_modules": "auto"}))
+        layers = matched_modules(fam, teacher, [unit])
+        assert [p for p, _, _ in layers] == ["dec"]
+        kl = training_loss(model, fam, teacher.model, batch, word_kd=1.0)
+        both = training_loss(model, fam, teacher.model, batch, word_kd=1.0, layer_kd=1.0, layers=layers)
+        if zero:
+            assert abs(float(both - kl)) < 1e-6
+            return
+        assert float(both) > float(kl) > 0
+        (both - kl).backward()
+        grads = {n: float(p.grad.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n}
+        assert max(g for n, g in grads.items() if ".decoder." in n) > 0
+
+
 def test_adapters_only_in_the_pruned_stack_and_they_merge_back(tiny_encdec, tmp_path):
     from peft import get_peft_model
 
@@ -205,6 +246,34 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_encd
     validated = [h for h in oc.history if "val_spbleu" in h]  # with a teacher loaded (word_kd) also the KL to it
     assert [h["step"] for h in validated] == [0, 6] and all(h["val_kl"] > 0 for h in validated)
     assert oc.metrics["restarts"] == 1
+
+
+def test_select_val_kl_exports_the_checkpoint_with_the_lowest_validation_kl(ray_cluster, tiny_encdec, kd_pairs,
+                                                                              tmp_path):
+    """Validation at every checkpoint; the adapter kept as best reproduces the lowest KL of the history."""
+    from cullmt_ray.heal.export import merged_family
+    from cullmt_ray.heal.lora import _loss_sum, chosen_adapter, encode, train_lora, training_loss
+
+    train, val = kd_pairs
+    spec = ModelConfig(str(tiny_encdec))
+    oc = train_lora(spec, REMOVED, train, val, settings(epochs=4, lr=0.05, eval_every=0, checkpoint_every=2,
+                                                        word_kd=1.0, select="val_kl"), str(tmp_path), "select")
+    kls = {h["step"]: h["val_kl"] for h in oc.history if "val_kl" in h}
+    assert sorted(kls) == [0, 2, 4, 6, 8, 10, 12]  # validated at every checkpoint although eval_every is 0
+    best = min(kls, key=kls.get)
+    assert oc.state["best"] == {"step": best, "val_kl": kls[best]}
+    teacher = load_family(spec).model.eval()
+    with oc.checkpoint.as_directory() as ck:
+        adapter = chosen_adapter(ck)
+        assert adapter.name == "best_adapter"
+        with merged_family(spec, REMOVED, adapter) as fam:
+            tot = cnt = 0
+            for g in val:
+                ex = encode(fam, [(g["src_lang"], g["tgt_lang"], a, b) for a, b in zip(g["sources"], g["teacher"])], 64)
+                t, c = _loss_sum(fam.model, ex, fam.tokenizer.pad_token_id, "cpu",
+                                 loss=lambda b: training_loss(fam.model, fam, teacher, b, word_kd=1.0))
+                tot, cnt = tot + t, cnt + c
+    assert abs(tot / cnt - kls[best]) < 1e-4, (tot / cnt, kls)
 
 
 def test_kd_cache_is_resumable_and_reused(ray_cluster, tiny_encdec, tmp_path):
@@ -299,6 +368,9 @@ CLI = [sys.executable, "-m", "cullmt_ray.cli", "heal"]
     (["--target-modules", "q_proj,wq"], "lora.target_modules: 'wq' matches no linear layer"),
     (["--set", "corpus.path=/no/corpus"], "corpus.path='/no/corpus' does not exist"),
     (["--set", "train.epochs=0"], "train.epochs=0.0: expected > 0"),
+    (["--set", "train.select=best"], "train.select='best': expected one of last, val_kl"),
+    (["--set", "train.select=val_kl", "--set", "train.val_sentences=0"], "train.select=val_kl: needs validation"),
+    (["--set", "train.layer_kd_at=all"], "train.layer_kd_at='all': expected one of cut, kept"),
     (["--config", "nope.yaml"], "heal config 'nope.yaml' does not exist"),
 ])
 def test_bad_heal_input_is_one_clear_line(args, message, run_dir):

@@ -132,6 +132,10 @@ class ModelFamily(ABC):
     def kd_hidden(self, out) -> torch.Tensor:
         """The representation healing matches to the unpruned model's (``train.hidden_kd``)."""
 
+    def kd_positions(self, prefix: str, batch: dict) -> torch.Tensor:
+        """Where the layers of stack ``prefix`` see real tokens in a training ``batch`` (bool, batch x length)."""
+        return batch["attention_mask"].bool()
+
     @abstractmethod
     def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
         """Translate one batch (already length-sorted) from ``src`` to ``tgt`` (NLLB codes)."""

@@ -53,6 +53,10 @@ class EncoderDecoderFamily(ModelFamily):
         """The encoder's output: what the decoder's cross-attention reads."""
         return out.encoder_last_hidden_state
 
+    def kd_positions(self, prefix: str, batch: dict) -> torch.Tensor:
+        """Source tokens for the encoder; for the decoder, the target positions (the labels)."""
+        return batch["labels"] != -100 if prefix == "dec" else batch["attention_mask"].bool()
+
     def lang_token(self, code: str) -> tuple[str, int]:
         """The tokenizer's language key and the id generation must start with, for an NLLB code."""
         tok = self.tokenizer

@@ -13,6 +13,8 @@ from pathlib import Path
 from ..config import ConfigError, Decoding, NamedConfig, _one_of, _positive, from_dict, read_yaml
 
 MIXES = ("kd", "refs", "both")
+LAYER_KD_AT = ("cut", "kept")
+SELECT = ("last", "val_kl")
 
 
 @dataclass
@@ -52,6 +54,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     word_kd: float = 0.0  # weight of the token-level KL to the unpruned model (word-level KD); 0: sequence-level only
     hidden_kd: float = 0.0  # weight of the relative squared error to the unpruned model's final hidden states
+    layer_kd: float = 0.0  # weight of the relative squared error of kept layers' outputs to the unpruned model's
+    layer_kd_at: str = "cut"  # cut: the first kept layer after each removed block (the last kept one when the top
+    #                           of a stack went) | kept: every kept layer, the last one against the stack's top
+    select: str = "last"  # the checkpoint exported: last | val_kl (the lowest validation KL to the unpruned model)
     model_dropout: bool = False  # the frozen model's own dropout during training (the adapters' lora.dropout always)
     clip: float = 1.0
     max_len: int = 128  # tokens; longer pairs are skipped
@@ -66,13 +72,17 @@ class TrainConfig:
     def check(self) -> None:
         for f in ("epochs", "batch_size", "lr", "clip", "max_len", "checkpoint_every", "keep_checkpoints"):
             _positive(f"train.{f}", getattr(self, f))
-        for f in ("warmup", "weight_decay", "eval_every", "val_sentences", "hidden_kd"):
+        for f in ("warmup", "weight_decay", "eval_every", "val_sentences", "hidden_kd", "layer_kd"):
             _positive(f"train.{f}", getattr(self, f), zero=True)
         _positive("train.max_steps", self.max_steps, none=True)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing={self.label_smoothing}: expected 0 <= x < 1")
         if not 0 <= self.word_kd <= 1:
             raise ConfigError(f"train.word_kd={self.word_kd}: expected a weight in [0, 1] (0: sequence-level KD only)")
+        _one_of("train.layer_kd_at", self.layer_kd_at, LAYER_KD_AT)
+        _one_of("train.select", self.select, SELECT)
+        if self.select == "val_kl" and not self.val_sentences:
+            raise ConfigError("train.select=val_kl: needs validation sentences (train.val_sentences > 0)")
         if self.max_failures < -1:
             raise ConfigError(f"train.max_failures={self.max_failures}: expected >= 0 (or -1 for no limit)")
 

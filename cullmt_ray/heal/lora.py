@@ -18,7 +18,8 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch import nn
 from ..config import Decoding, ModelConfig
 from ..families import FamilyError, ModelFamily
 from ..families.base import Example
-from ..units import unit_stack
+from ..units import parse_unit, unit_stack
 
 
 # ----------------------------------------------------------------------------- LoRA targets
@@ -79,6 +80,52 @@ def peft_config(family: ModelFamily, lora: dict, removed: list[str] = ()):
         targets = adapted_modules(family, targets, list(removed))
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
                       modules_to_save=lora.get("modules_to_save") or None, task_type=task)
+
+
+# ----------------------------------------------------------------------------- intermediate-layer matching
+def matched_layers(layer_counts: dict[str, int], removed: list[str], at: str = "cut") -> list[tuple[str, int, int]]:
+    """``(stack, student layer, teacher layer)`` whose outputs ``train.layer_kd`` matches, for stacks of
+    ``layer_counts`` layers without ``removed``. ``cut``: the first kept layer after each removed block
+    (it must now produce what the removed layers and itself produced) and, when a stack's top layers went,
+    its last kept layer against the teacher's top layer; ``kept``: every kept layer (the last against the top)."""
+    cut = {(u.stack, u.layer) for u in map(parse_unit, removed)}
+    out = []
+    for prefix, count in layer_counts.items():
+        kept = [i for i in range(count) if (prefix, i) not in cut]
+        if not kept or len(kept) == count:
+            continue
+        if at == "kept":
+            chosen = set(kept)
+        else:
+            chosen = {i for i in kept if (prefix, i - 1) in cut}
+            if (prefix, count - 1) in cut:
+                chosen.add(kept[-1])
+        out += [(prefix, kept.index(i), count - 1 if i == kept[-1] else i) for i in sorted(chosen)]
+    return out
+
+
+def matched_modules(student: ModelFamily, teacher: ModelFamily, removed: list[str],
+                    at: str = "cut") -> list[tuple[str, nn.Module, nn.Module]]:
+    """The layer modules of :func:`matched_layers`: ``student`` has ``removed`` applied, ``teacher`` is whole."""
+    counts = {s.prefix: len(s.layers) for s in teacher.stacks}
+    s_stacks, t_stacks = {s.prefix: s.layers for s in student.stacks}, {s.prefix: s.layers for s in teacher.stacks}
+    return [(p, s_stacks[p][i], t_stacks[p][j]) for p, i, j in matched_layers(counts, removed, at)]
+
+
+@contextmanager
+def layer_outputs(modules: list[nn.Module]) -> Iterator[list]:
+    """Inside the context, the list holds each module's last output (its hidden states)."""
+    outs: list = [None] * len(modules)
+
+    def hook(i):
+        return lambda _m, _a, out: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------- data
@@ -196,7 +243,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from ..families import load_family
@@ -220,9 +267,12 @@ def train_loop(config: dict) -> None:
                           t["max_len"])
         if not examples:
             raise ValueError("no training pairs fit train.max_len; raise it or check the corpus")
-        teacher = None
-        if t["word_kd"] > 0 or t["hidden_kd"] > 0:  # the unpruned model, for token-level KL / hidden states
-            teacher = load_family(spec).model.eval().requires_grad_(False)
+        teacher, layers = None, []
+        if needs_teacher(t):  # the unpruned model, for token-level KL / hidden states / validation KL
+            teacher_family = load_family(spec)
+            teacher = teacher_family.model.eval().requires_grad_(False)
+            if t.get("layer_kd"):
+                layers = matched_modules(family, teacher_family, config["removed"], t.get("layer_kd_at", "cut"))
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
         steps_per_epoch = len(epoch_batches(examples, t["batch_size"], world, 0, t["seed"])) // world
@@ -235,12 +285,16 @@ def train_loop(config: dict) -> None:
         state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "restarts": 0, "seconds": 0.0,
                  "examples": len(examples), "steps_per_epoch": steps_per_epoch, "total_steps": total,
                  "trainable_params": sum(p.numel() for p in params), "resumed_from": []}
+        select = t.get("select", "last")
+        best: dict[str, torch.Tensor] | None = None  # the adapter with the lowest validation KL so far (select: val_kl)
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
                 optim.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True))
                 state = json.loads((Path(d) / "state.json").read_text())
+                if (Path(d) / BEST / "adapter_model.safetensors").is_file():
+                    best = load_file(str(Path(d) / BEST / "adapter_model.safetensors"))
             state["restarts"] += 1
             state["resumed_from"].append(state["step"])
             if rank == 0:
@@ -254,10 +308,17 @@ def train_loop(config: dict) -> None:
             return {"step": state["step"], "epoch": state["epoch"], "restarts": state["restarts"], "workers": world,
                     "seconds": round(seconds0 + time.time() - t0, 2), **extra}
 
+        def keep_if_best(m: dict) -> None:
+            nonlocal best
+            if select == "val_kl" and "val_kl" in m and m["val_kl"] < state.get("best", {}).get("val_kl", math.inf):
+                best = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+                state["best"] = {"step": m["step"], "val_kl": m["val_kl"]}
+
         if ckpt is None and data["val"]:
             m = metrics_now(validate(family, data["val"], rank, world, scorer, decoding, t["max_len"],
                                      config["primary"], teacher))
             state["history"].append(m)
+            keep_if_best(m)
             ray.train.report(m)
         loss_sum, loss_n = 0.0, 0
         fault = config.get("fault") or {}
@@ -267,7 +328,8 @@ def train_loop(config: dict) -> None:
                 for g in optim.param_groups:
                     g["lr"] = lr_at(state["step"], t["lr"], t["warmup"], total)
                 batch = collate([examples[i] for i in b], family.tokenizer.pad_token_id, device)
-                loss = training_loss(ddp, family, teacher, batch, t["label_smoothing"], t["word_kd"], t["hidden_kd"])
+                loss = training_loss(ddp, family, teacher, batch, t["label_smoothing"], t["word_kd"], t["hidden_kd"],
+                                     t.get("layer_kd", 0.0), layers)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, t["clip"])
                 optim.step()
@@ -287,6 +349,7 @@ def train_loop(config: dict) -> None:
                 done = state["step"] >= total
                 do_eval = done or (t["eval_every"] and state["step"] % t["eval_every"] == 0)
                 do_ckpt = done or state["step"] % t["checkpoint_every"] == 0
+                do_eval = do_eval or (do_ckpt and select == "val_kl")  # the best so far is known at every checkpoint
                 if not (do_eval or do_ckpt):
                     continue
                 avg = torch.tensor([loss_sum, loss_n], dtype=torch.float64)
@@ -300,12 +363,15 @@ def train_loop(config: dict) -> None:
                                           config["primary"], teacher))
                 m = metrics_now(extra)
                 state["history"].append(m)
+                keep_if_best(m)
                 state["seconds"] = m["seconds"]
                 if do_ckpt:
                     with tempfile.TemporaryDirectory() as tmp:
                         checkpoint = None
                         if rank == 0:
                             model.save_pretrained(str(Path(tmp) / "adapter"))
+                            if best is not None:
+                                save_best(best, Path(tmp) / "adapter", Path(tmp) / BEST)
                             torch.save(optim.state_dict(), Path(tmp) / "optimizer.pt")
                             (Path(tmp) / "state.json").write_text(json.dumps(state))
                             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -319,6 +385,31 @@ def train_loop(config: dict) -> None:
                 state["batch"] = 0
 
 
+BEST = "best_adapter"  # checkpoint subfolder: the adapter with the lowest validation KL (train.select: val_kl)
+
+
+def needs_teacher(train: dict) -> bool:
+    """Whether training loads the unpruned model: for a KD loss term or to select by validation KL."""
+    return bool(train["word_kd"] or train["hidden_kd"] or train.get("layer_kd") or train.get("select") == "val_kl")
+
+
+def save_best(weights: dict[str, torch.Tensor], adapter_dir: Path, out: Path) -> None:
+    """``weights`` as a peft adapter folder beside ``adapter_dir`` (whose config it shares)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter_dir / "adapter_config.json", out / "adapter_config.json")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "adapter_model.safetensors"))
+
+
+def chosen_adapter(checkpoint_dir: str | Path) -> Path:
+    """The adapter to export from a checkpoint: the best by validation KL when kept, else the last."""
+    d = Path(checkpoint_dir)
+    return d / BEST if (d / BEST / "adapter_model.safetensors").is_file() else d / "adapter"
+
+
 def _decoder_inputs(family: ModelFamily, labels: torch.Tensor) -> torch.Tensor:
     pad = family.tokenizer.pad_token_id
     out = labels.new_full(labels.shape, pad)
@@ -328,13 +419,17 @@ def _decoder_inputs(family: ModelFamily, labels: torch.Tensor) -> torch.Tensor:
 
 
 def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | None, batch: dict,
-                  label_smoothing: float = 0.0, word_kd: float = 0.0, hidden_kd: float = 0.0) -> torch.Tensor:
+                  label_smoothing: float = 0.0, word_kd: float = 0.0, hidden_kd: float = 0.0, layer_kd: float = 0.0,
+                  layers: list[tuple[str, nn.Module, nn.Module]] = ()) -> torch.Tensor:
     """Cross-entropy on the targets (label-smoothed if asked; the targets are the teacher's translations
     for sequence-level KD), mixed with ``word_kd`` x the token-level KL(teacher || student) over the
     same target positions (word-level KD, Kim & Rush 2016), plus ``hidden_kd`` x the relative squared
     error between the student's and the teacher's hidden states (:meth:`ModelFamily.kd_hidden`) over the
-    input tokens: a direct signal for the layers next to a removed one."""
-    if not label_smoothing and not word_kd and not hidden_kd:
+    input tokens, plus ``layer_kd`` x the mean relative squared error between the outputs of matched
+    ``(stack, student layer, teacher layer)`` modules (:func:`matched_modules`; over
+    :meth:`ModelFamily.kd_positions`): a direct signal for the layers next to a removed one."""
+    layer_kd = layer_kd if layers else 0.0
+    if not label_smoothing and not word_kd and not hidden_kd and not layer_kd:
         return model(**batch).loss
     shift = family.causal  # causal LMs shift labels inside forward: one fewer predicted token per row
     labels = batch["labels"]
@@ -343,7 +438,8 @@ def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | No
         inputs["decoder_input_ids"] = _decoder_inputs(family, labels)
     if hidden_kd and shift:
         inputs["output_hidden_states"] = True
-    out = model(**inputs)
+    with layer_outputs([m for _, m, _ in layers] if layer_kd else []) as s_layers:
+        out = model(**inputs)
     logits = out.logits.float()
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -351,9 +447,9 @@ def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | No
     if word_kd < 1:
         loss = (1 - word_kd) * nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                            ignore_index=-100, label_smoothing=label_smoothing)
-    if not (word_kd or hidden_kd):
+    if not (word_kd or hidden_kd or layer_kd):
         return loss
-    with torch.no_grad():
+    with torch.no_grad(), layer_outputs([m for _, _, m in layers] if layer_kd else []) as t_layers:
         t_out = teacher(**inputs)
     if word_kd:
         lp_t = (t_out.logits[:, :-1] if shift else t_out.logits).float().log_softmax(-1)
@@ -364,6 +460,13 @@ def training_loss(model: nn.Module, family: ModelFamily, teacher: nn.Module | No
         real = batch["attention_mask"].bool()
         h_s, h_t = family.kd_hidden(out).float()[real], family.kd_hidden(t_out).float()[real]
         loss = loss + hidden_kd * ((h_s - h_t) ** 2).sum() / (h_t**2).sum().clamp_min(1e-6)
+    if layer_kd:
+        terms = []
+        for (prefix, _, _), h_s, h_t in zip(layers, s_layers, t_layers):
+            where = family.kd_positions(prefix, batch)
+            h_s, h_t = h_s.float()[where], h_t.float()[where]
+            terms.append(((h_s - h_t) ** 2).sum() / (h_t**2).sum().clamp_min(1e-6))
+        loss = loss + layer_kd * torch.stack(terms).mean()
     return loss
 
 

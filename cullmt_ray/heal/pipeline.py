@@ -275,7 +275,7 @@ class HealRecipe:
         from ..families import load_family
         from ..families import stored_dtype
         from .export import merged_family, save_adapter, save_merged
-        from .lora import resolve_targets
+        from .lora import chosen_adapter, resolve_targets
 
         cfg, spec = self.cfg, self.run_cfg.model
         dtype = stored_dtype(spec.name) if cfg.export.dtype == "auto" else cfg.export.dtype
@@ -283,7 +283,7 @@ class HealRecipe:
         for c in self.cands:
             out = self.heal_dir / label(c)
             with self.outcomes[c].checkpoint.as_directory() as ck:
-                adapter = Path(ck) / "adapter"
+                adapter = chosen_adapter(ck)
                 with merged_family(spec, c.units, adapter) as fam:
                     targets = resolve_targets(fam, cfg.lora.target_modules)
                     size = save_merged(fam, out / "model", dtype)
@@ -316,6 +316,8 @@ class HealRecipe:
                              "seconds": round(oc.seconds, 2), "started": oc.started, "finished": oc.finished,
                              "restarts": st["restarts"], "resumed_from": st["resumed_from"],
                              "trainable_params": st["trainable_params"], "checkpoint": oc.checkpoint.path,
+                             "exported_step": st.get("best", {}).get("step", st["step"]),
+                             "best_val_kl": st.get("best", {}).get("val_kl"),
                              "history": oc.history}
             info = {"base_model": run_cfg.model.name, "base_fingerprint": model_fingerprint(run_cfg.model.name),
                     "family": self.family_cls.name, "causal": self.family_cls.causal, "removed_units": c.units, "candidate_id": c.key,
