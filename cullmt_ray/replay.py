@@ -401,6 +401,7 @@ def threshold_study(table: Table, variants: list[Variant], thresholds: Iterable[
     out = []
     for thr in thresholds:
         floor = table.baseline.score - thr
+        deepest = max((len(c) for c, e in table.rows.items() if e.score >= floor - EPS), default=0)
         for v in variants:
             row = {"threshold": thr, "strategy": v.label}
             try:
@@ -411,11 +412,10 @@ def threshold_study(table: Table, variants: list[Variant], thresholds: Iterable[
                 out.append({**row, "skipped": f"it asks sets the table lacks (complete sizes {table.complete_sizes()})"})
                 continue
             final = Candidate.of(run.trace.get("final") or ())
-            k = len(final)
-            deepest = max((len(c) for c, e in table.rows.items() if e.score >= floor - EPS), default=0)
-            out.append({**row, "final": final.units, "size": k, "score": round(table.evaluate(final).score, 4),
+            k, score = len(final), table.evaluate(final).score
+            out.append({**row, "final": final.units, "size": k, "score": round(score, 4),
                         "optimum_at_size": round(table.optimum(k), 4) if k else table.baseline.score,
-                        "regret": round(table.optimum(k) - table.evaluate(final).score, 4) if k else 0.0,
+                        "regret": round(table.optimum(k) - score, 4) if k else 0.0,
                         "deepest_within_threshold": deepest, "evaluations": len(run.full),
                         "stop_reason": run.stop_reason})
     return out
