@@ -95,7 +95,9 @@ class EvaluationService:
         desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": dtype,
                 "eval": describe(self.devset, directions), "metric": self.cfg.metric.primary,
                 "signatures": info["signatures"], "decoding": self.cfg.decoding.__dict__.copy()}
-        if self.cfg.search.racing:  # racing decodes in blocks (EvalSettings.block): a context of its own
+        if self.cfg.search.racing and not info.get("exact_rows"):
+            # racing decodes in blocks (EvalSettings.block): a context of its own, unless rows are exact (the
+            # actors' greedy loop decodes every sentence of a block as the plain decoding does)
             desc["decoding"]["block"] = self.cfg.search.racing_chunk
         if info.get("dispatch"):
             desc["moe_dispatch"] = info["dispatch"]
@@ -246,7 +248,7 @@ class EvaluationService:
         while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
             stop = min(n, seen + sc.racing_chunk)
             jobs = [((c, d), c.units, d, seen, stop) for c in alive for d in names]
-            for (c, d), part in self.pool.sentence_stats(jobs):
+            for (c, d), part in self.pool.sentence_stats(jobs, n):
                 stats[c][d].extend(part["stats"])
                 hyps[c][d].extend(part["hyps"])
                 k = cost[c]

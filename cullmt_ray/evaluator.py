@@ -61,7 +61,13 @@ class EvaluatorActor:
                 "units": self.family.units(), "size": asdict(self.family.size()),
                 "family": self.family.name, "signatures": self.scorer.signatures(),
                 "dispatch": getattr(self.family, "dispatch", None),
+                "exact_rows": self._exact_rows(),
                 "dtype": str(self.family.model.dtype).removeprefix("torch.")}
+
+    def _exact_rows(self) -> bool:
+        """Whether this replica's rows are exact for the configured decoding (the first two dev languages)."""
+        langs = list(self.devset.lines)
+        return bool(langs) and self.family.rows_exact(langs[0], langs[-1], self.settings.decoding)
 
     def evaluate(self, removed: list[str], directions: list[Direction], limit: int | None = None) -> dict:
         """Score a prune set on ``directions``, on the first ``limit`` sentences (all when None)."""
@@ -70,7 +76,7 @@ class EvaluatorActor:
         n = len(self.devset) if limit is None else min(limit, len(self.devset))
         with self.family.apply(removed):
             for src, tgt in directions:
-                hyps = self._translate(list(self.devset.lines[src][:n]), src, tgt)
+                hyps = self._translate(list(self.devset.lines[src][:n]), src, tgt, 0, n)
                 per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt][:n]))
         metrics = {}
         for m in self.settings.metrics:
@@ -81,20 +87,41 @@ class EvaluatorActor:
                 "bytes": size.bytes, "sentences": n * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
-    def _translate(self, sources: list[str], src: str, tgt: str) -> list[str]:
-        """The dev set's decoding: length-sorted batches, within blocks of ``settings.block`` when set."""
+    def _translate(self, sources: list[str], src: str, tgt: str, start: int = 0, horizon: int | None = None) -> list[str]:
+        """The dev set's decoding of ``sources`` (dev sentences ``start`` on, of the first ``horizon``): length-sorted
+        batches, within blocks of ``settings.block`` when set. Where rows are exact (:meth:`ModelFamily.rows_exact`)
+        blocks change nothing: a race chunk decodes each sentence as the decoding of the first ``horizon`` does
+        (the same token limit, :meth:`ModelFamily.token_limits`), so racing and plain decoding give the same outputs."""
+        dec = self.settings.decoding
+        horizon = len(self.devset) if horizon is None else horizon
+        if self.family.rows_exact(src, tgt, dec):
+            if start == 0 and len(sources) == horizon or not self.settings.block:
+                return self.family.translate(sources, src, tgt, dec)
+            limits = self._limits(src, horizon, dec)[start : start + len(sources)]
+            return self.family.translate(sources, src, tgt, dec, limits)
         b = self.settings.block or len(sources) or 1
         return [h for i in range(0, len(sources), b)
-                for h in self.family.translate(sources[i : i + b], src, tgt, self.settings.decoding)]
+                for h in self.family.translate(sources[i : i + b], src, tgt, dec)]
 
-    def sentence_stats(self, removed: list[str], direction: Direction, start: int, stop: int) -> dict:
+    def _limits(self, src: str, horizon: int, dec) -> list[int]:
+        """The token limits of decoding the first ``horizon`` dev sentences from ``src`` (cached)."""
+        if not hasattr(self, "_limit_cache"):
+            self._limit_cache: dict = {}
+        if (src, horizon) not in self._limit_cache:
+            lines = list(self.devset.lines[src][:horizon])
+            self._limit_cache[src, horizon] = self.family.token_limits(lines, self.family._limit_lengths(lines, src, src), dec)
+        return self._limit_cache[src, horizon]
+
+    def sentence_stats(self, removed: list[str], direction: Direction, start: int, stop: int,
+                       horizon: int | None = None) -> dict:
         """Hypotheses and per-sentence statistics of the primary metric for dev sentences ``[start, stop)``
-        of one direction (a racing chunk, see :mod:`cullmt_ray.racing`): decoded exactly as in
-        :meth:`evaluate` when ``start`` and ``stop`` are on ``settings.block`` boundaries."""
+        of one direction (a racing chunk of a race over the first ``horizon``, see :mod:`cullmt_ray.racing`):
+        decoded exactly as in :meth:`evaluate` of the first ``horizon`` when rows are exact, or when ``start``
+        and ``stop`` are on ``settings.block`` boundaries."""
         t0 = time.perf_counter()
         src, tgt = direction
         with self.family.apply(removed):
-            hyps = self._translate(list(self.devset.lines[src][start:stop]), src, tgt)
+            hyps = self._translate(list(self.devset.lines[src][start:stop]), src, tgt, start, horizon)
         stats = self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]), self.settings.metric)
         size = self.family.size(removed)
         return {"hyps": hyps, "stats": stats, "params": size.params, "bytes": size.bytes, "sentences": len(hyps),
@@ -313,10 +340,11 @@ class EvaluatorPool:
                 raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
                                f"({type(e).__name__}); every finished evaluation is stored") from e
 
-    def sentence_stats(self, jobs: Iterable[tuple[Any, list[str], Direction, int, int]]) -> Iterator[tuple[Any, dict]]:
-        """Spread ``(key, removed, direction, start, stop)`` racing chunks over the actors; yield
-        ``(key, per-sentence statistics)`` as they finish (:meth:`EvaluatorActor.sentence_stats`)."""
-        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), d, s, e))
+    def sentence_stats(self, jobs: Iterable[tuple], horizon: int | None = None) -> Iterator[tuple[Any, dict]]:
+        """Spread ``(key, removed, direction, start, stop)`` racing chunks of a race over the first ``horizon``
+        sentences over the actors; yield ``(key, per-sentence statistics)`` as they finish
+        (:meth:`EvaluatorActor.sentence_stats`)."""
+        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), d, s, e, horizon))
                             for key, removed, d, s, e in jobs)
 
     def proxies(self, units: list[str], directions: list[Direction]) -> dict:

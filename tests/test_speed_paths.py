@@ -59,6 +59,14 @@ def test_encoder_cache_gives_the_same_translations(fam, demo_sources, beams):
     from cullmt_ray.config import Decoding
 
     dec = Decoding(num_beams=beams, batch_size=5, max_new_tokens=20)
+    fam.decode_rows = 5  # the greedy loop's batches by tokens: 5 sentences each here too
+    try:
+        _encoder_cache_checks(fam, demo_sources, dec)
+    finally:
+        del fam.decode_rows
+
+
+def _encoder_cache_checks(fam, demo_sources, dec):
     cache, fam.encoder_cache = fam.encoder_cache, None
     try:
         with fam.apply(["dec.0"]):
@@ -137,3 +145,78 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
         raced = [c for c in store.contexts() if "raced" in store.context_description(c)]
         assert raced and not full & {e.candidate for e in store.evaluations(raced[0])}
         assert all(e.sentences == len(demo_sources) for e in store.evaluations(race_info["context"]))
+
+
+@pytest.fixture(scope="module")
+def reference_families():
+    import torch
+
+    from cullmt_ray.config import ModelConfig
+    from cullmt_ray.families import load_family
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as an actor decodes (1 CPU each); and no oversubscription on a shared box
+    try:
+        yield {m: load_family(ModelConfig(f"reference:{m}")) for m in ("dense", "llama")}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _both(family, sources, src, tgt, decoding):
+    """(greedy loop, HF generate) translations of ``sources``."""
+    family.fast_greedy = False
+    try:
+        if getattr(family, "encoder_cache", None) is not None:
+            family.encoder_cache.clear()
+        want = family.translate(sources, src, tgt, decoding)
+    finally:
+        family.fast_greedy = True
+    return family.translate(sources, src, tgt, decoding), want
+
+
+@pytest.mark.parametrize("model,removed", [("dense", []), ("dense", ["enc.1", "enc.3"]),
+                                           ("dense", ["enc.2", "dec.0", "dec.5"]), ("llama", ["layer.1", "layer.4"])])
+def test_greedy_loop_gives_generates_outputs(reference_families, model, removed):
+    """The greedy loop (finished rows dropped, batches formed by tokens, each row's own token limit) gives
+    HF generate's greedy outputs (batches of ``batch_size``); a race chunk decoded with the plain token limits
+    gives the plain outputs."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset
+
+    fam = reference_families[model]
+    dev = load_devset("builtin:demo")
+    dec = Decoding(batch_size=4, max_new_tokens=64)
+    for src, tgt in (("eng_Latn", "deu_Latn"), ("ces_Latn", "eng_Latn")):
+        sources = list(dev.lines[src][:12])
+        assert fam.rows_exact(src, tgt, dec)
+        with fam.apply(removed):
+            got, want = _both(fam, sources, src, tgt, dec)
+            assert got == want and all(got)
+            limits = fam.token_limits(sources, fam._limit_lengths(sources, src, tgt), dec)
+            assert len(set(limits)) > 1  # several plain batches, several limits
+            chunks = [h for i in range(0, len(sources), 5)
+                      for h in fam.translate(sources[i : i + 5], src, tgt, dec, limits[i : i + 5])]
+            assert chunks == got
+
+
+def test_greedy_loop_falls_back_and_beams_still_work(reference_families):
+    """Beam search, and a generation config asking for a logits processor the loop lacks, decode with generate."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.families.greedy import generation_config, unsupported
+
+    fam = reference_families["dense"]
+    sources = ["A man rides a red bicycle down the street.", "Two dogs play in the snow.", "A child smiles."]
+    beams = Decoding(num_beams=3, batch_size=2)
+    assert not fam.rows_exact("eng_Latn", "deu_Latn", beams)
+    got, want = _both(fam, sources, "eng_Latn", "deu_Latn", beams)
+    assert got == want and all(got)
+    assert unsupported(generation_config(fam.model, repetition_penalty=1.3)) == "repetition_penalty"
+    assert unsupported(generation_config(fam.model, repetition_penalty=1.0)) is None
+    gc = fam.model.generation_config
+    before, gc.repetition_penalty = gc.repetition_penalty, 1.3
+    try:
+        assert not fam.rows_exact("eng_Latn", "deu_Latn", Decoding())
+        got, want = _both(fam, sources, "eng_Latn", "deu_Latn", Decoding())
+        assert got == want
+    finally:
+        gc.repetition_penalty = before

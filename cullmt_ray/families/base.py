@@ -137,8 +137,10 @@ class ModelFamily(ABC):
         return batch["attention_mask"].bool()
 
     @abstractmethod
-    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
-        """Translate one batch (already length-sorted) from ``src`` to ``tgt`` (NLLB codes)."""
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding,
+                  limits: list[int] | None = None) -> list[str]:
+        """Translate one batch (already length-sorted) from ``src`` to ``tgt`` (NLLB codes); ``limits``: each
+        sentence's limit of new tokens (the greedy loop), else the batch's own (``generate``)."""
 
     # --------------------------------------------------------------- units and sizes
     def units(self) -> list[str]:
@@ -225,16 +227,81 @@ class ModelFamily(ABC):
         self._applied = True
 
     # --------------------------------------------------------------- translation
+    # Sentences decoded together by the greedy loop when rows are exact (see ``translate``): as many
+    # length-sorted sources as fit in this many padded source tokens, at most ``decode_rows``.
+    decode_tokens: ClassVar[int] = 4096
+    decode_rows: ClassVar[int] = 256
+    # Devices the greedy loop runs on (families with one; ``fast_greedy`` turns it off): where its outputs were
+    # verified equal to generate's whatever the batch (fp32 on CPU). Elsewhere, e.g. bf16 on a GPU, a batch's
+    # shape can change the kernels and so the numbers: generate decodes there until that is measured.
+    greedy_devices: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    def _greedy_here(self) -> bool:
+        """Whether the greedy loop may run on this replica: fp32 on a device of ``greedy_devices``."""
+        return self.device.type in self.greedy_devices and self.model.dtype == torch.float32
+
     @torch.inference_mode()
-    def translate(self, sources: list[str], src: str, tgt: str, decoding: Decoding = Decoding()) -> list[str]:
-        """Batched, length-sorted translation; outputs come back in input order."""
+    def translate(self, sources: list[str], src: str, tgt: str, decoding: Decoding = Decoding(),
+                  limits: list[int] | None = None) -> list[str]:
+        """Batched, length-sorted translation; outputs come back in input order.
+
+        A sentence may generate up to ``min(max_new_tokens, 2 * L + 10)`` tokens, ``L`` the longest source
+        of its batch when the sources are cut, longest first, into batches of ``decoding.batch_size``
+        (:meth:`token_limits`; ``limits`` gives them instead, one per source). Where the greedy loop applies
+        and rows are exact (:meth:`rows_exact`: a row's tokens do not depend on the other rows it is decoded
+        with), the batches actually decoded are formed by tokens instead (``decode_tokens``, ``decode_rows``):
+        the same outputs, fewer steps; otherwise the plain batches run ``generate``.
+        """
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
         out: list[str] = [""] * len(sources)
+        if not sources:
+            return out
+        if self.rows_exact(src, tgt, decoding):
+            lengths = self._limit_lengths(sources, src, tgt)
+            limits = limits if limits is not None else self.token_limits(sources, lengths, decoding)
+            batches, b, longest = [], [], 0
+            for i in order:
+                if b and (len(b) + 1 > self.decode_rows or (len(b) + 1) * max(longest, lengths[i]) > self.decode_tokens):
+                    batches.append(b)
+                    b, longest = [], 0
+                b.append(i)
+                longest = max(longest, lengths[i])
+            batches.append(b)
+            for idx in batches:
+                hyps = self._generate([sources[i] for i in idx], src, tgt, decoding, [limits[i] for i in idx])
+                for i, hyp in zip(idx, hyps):
+                    out[i] = hyp.strip()
+            return out
+        if limits is not None:
+            raise FamilyError("per-sentence token limits need exact rows (greedy loop, CPU)")
         for b in range(0, len(order), decoding.batch_size):
             idx = order[b : b + decoding.batch_size]
             for i, hyp in zip(idx, self._generate([sources[i] for i in idx], src, tgt, decoding)):
                 out[i] = hyp.strip()
         return out
+
+    @staticmethod
+    def token_limits(sources: list[str], lengths: list[int], decoding: Decoding) -> list[int]:
+        """Each sentence's limit of new tokens, from the source lengths (:meth:`_limit_lengths`):
+        ``min(max_new_tokens, 2 * L + 10)``, ``L`` the longest of its plain batch (sorted by characters, longest
+        first, ``decoding.batch_size`` each), as ``generate`` decodes them."""
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
+        limits = [0] * len(sources)
+        for b in range(0, len(order), decoding.batch_size):
+            idx = order[b : b + decoding.batch_size]
+            limit = min(decoding.max_new_tokens, 2 * max(lengths[i] for i in idx) + 10)
+            for i in idx:
+                limits[i] = limit
+        return limits
+
+    def rows_exact(self, src: str, tgt: str, decoding: Decoding) -> bool:
+        """Whether this family decodes with the greedy loop, whose row's tokens do not depend on the rows it is
+        decoded with (``greedy_devices``; tests/test_speed_paths.py, bench/bench_speed.py part ``candidate``)."""
+        return False
+
+    def _limit_lengths(self, sources: list[str], src: str, tgt: str) -> list[int]:
+        """Per-source token lengths the token limit is computed from."""
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:

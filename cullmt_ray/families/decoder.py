@@ -6,12 +6,15 @@ one), else a plain template. The output is the first line of the continuation.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..languages import name as lang_name
 from ..config import Decoding
-from .base import Example, LayerStack, ModelFamily
+from .base import Example, FamilyError, LayerStack, ModelFamily
+from .greedy import generation_config, greedy_causal, unsupported
 
 # The reference Llama is trained with this template; base LLMs follow it well enough too.
 DEFAULT_TEMPLATE = "{src_name}: {source}\n{tgt_name}:"
@@ -21,6 +24,8 @@ CHAT_INSTRUCTION = "Translate the following {src_name} text into {tgt_name}. Rep
 class DecoderOnlyFamily(ModelFamily):
     name = "decoder"
     causal = True
+    # Greedy decoding (num_beams 1) runs greedy.greedy_causal: generate's tokens, finished rows dropped.
+    fast_greedy: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str, prompt_template: str | None = None,
                  use_chat_template: bool | None = None):
@@ -72,7 +77,8 @@ class DecoderOnlyFamily(ModelFamily):
             return self.tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
         return self.prompt_template.format(**fields)
 
-    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding,
+                  limits: list[int] | None = None) -> list[str]:
         tok = self.tokenizer
         prompts = [self.prompt(s, src, tgt) for s in sources]
         rows = tok(prompts, add_special_tokens=False)["input_ids"]
@@ -80,14 +86,37 @@ class DecoderOnlyFamily(ModelFamily):
             rows = [[tok.bos_token_id] + r for r in rows]
         enc = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        longest_src = max(len(tok(s, add_special_tokens=False)["input_ids"]) for s in sources)
-        budget = min(decoding.max_new_tokens, 2 * longest_src + 10)
-        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  num_beams=decoding.num_beams, max_new_tokens=budget, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok))
-        texts = tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        gc = self._greedy_config(decoding)
+        if gc is not None:
+            if limits is None:
+                limits = [min(decoding.max_new_tokens, 2 * max(self._limit_lengths(sources, src, tgt)) + 10)] * len(sources)
+            new = greedy_causal(self.model, ids.to(self.device), mask.to(self.device), gc, limits)
+        elif limits is not None:
+            raise FamilyError("per-sentence token limits need the greedy loop")
+        else:
+            longest_src = max(self._limit_lengths(sources, src, tgt))
+            budget = min(decoding.max_new_tokens, 2 * longest_src + 10)
+            new = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      num_beams=decoding.num_beams, max_new_tokens=budget, do_sample=False,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok))[:, ids.shape[1] :]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
 
+    def _greedy_config(self, decoding: Decoding):
+        """The generation config the greedy loop decodes with, or None where it does not apply (beams, a
+        setting it does not implement, ``fast_greedy`` off): ``generate`` decodes then."""
+        if not self.fast_greedy or decoding.num_beams != 1 or not self._greedy_here():
+            return None
+        tok = self.tokenizer
+        gc = generation_config(self.model, num_beams=1, do_sample=False, pad_token_id=tok.pad_token_id,
+                               eos_token_id=_stop_ids(tok))
+        return gc if unsupported(gc) is None and gc.forced_bos_token_id is None else None
+
+    def rows_exact(self, src: str, tgt: str, decoding: Decoding) -> bool:
+        return self._greedy_config(decoding) is not None
+
+    def _limit_lengths(self, sources: list[str], src: str, tgt: str) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(sources, add_special_tokens=False)["input_ids"]]
 
     def teacher_forced(self, sources: list[str], targets: list[str], src: str, tgt: str) -> tuple[dict, torch.Tensor]:
         """Prompt + reference as one sequence; the mask marks positions that predict reference tokens."""

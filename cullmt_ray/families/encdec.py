@@ -11,6 +11,7 @@ from torch import nn
 from ..languages import SHORT_TO_NLLB
 from ..config import Decoding
 from .base import Example, FamilyError, LayerStack, ModelFamily, TensorCache
+from .greedy import generation_config, greedy_encdec, unsupported
 
 _NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
 
@@ -20,6 +21,8 @@ class EncoderDecoderFamily(ModelFamily):
     # Candidates that remove only decoder units share the full encoder's output: it is computed once
     # per batch of sources and reused (bounded LRU; None turns the cache off, e.g. for MoE gate statistics).
     encoder_cache_mib: ClassVar[float | None] = 256.0
+    # Greedy decoding (num_beams 1) runs greedy.greedy_encdec: generate's tokens, finished rows dropped.
+    fast_greedy: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str):
         super().__init__(model, tokenizer, model_id)
@@ -71,7 +74,8 @@ class EncoderDecoderFamily(ModelFamily):
             raise FamilyError(f"language {code!r} has no language token in {self.model_id}'s tokenizer")
         return code, tid
 
-    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding,
+                  limits: list[int] | None = None) -> list[str]:
         src_key, _ = self.lang_token(src)
         _, tgt_id = self.lang_token(tgt)
         self.tokenizer.src_lang = src_key
@@ -81,9 +85,32 @@ class EncoderDecoderFamily(ModelFamily):
         if self.encoder_cache is not None and not any(u.startswith("enc.") for u in self.removed):
             hit = self.encoder_cache.get((src_key, tuple(sources)), lambda: self._encode(enc))
             extra["encoder_outputs"] = type(hit)(last_hidden_state=hit.last_hidden_state)  # generate expands it for beams
+        gc = self._greedy_config(tgt_id, decoding)
+        if gc is not None:
+            start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
+            rows = greedy_encdec(self.model, enc["input_ids"], enc["attention_mask"], gc,
+                                 limits or [budget] * len(sources), extra.get("encoder_outputs"))
+            return self.tokenizer.batch_decode([[start, *r] for r in rows], skip_special_tokens=True)
+        if limits is not None:
+            raise FamilyError("per-sentence token limits need the greedy loop")
         gen = self.model.generate(**enc, forced_bos_token_id=tgt_id, num_beams=decoding.num_beams,
                                   max_new_tokens=budget, do_sample=False, **extra)
         return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+
+    def _greedy_config(self, tgt_id: int, decoding: Decoding):
+        """The generation config the greedy loop decodes with, or None where it does not apply (beams, a
+        setting it does not implement, ``fast_greedy`` off): ``generate`` decodes then."""
+        if not self.fast_greedy or decoding.num_beams != 1 or not self._greedy_here():
+            return None
+        gc = generation_config(self.model, forced_bos_token_id=tgt_id, num_beams=1, do_sample=False)
+        return gc if unsupported(gc) is None else None
+
+    def rows_exact(self, src: str, tgt: str, decoding: Decoding) -> bool:
+        return self._greedy_config(self.lang_token(tgt)[1], decoding) is not None
+
+    def _limit_lengths(self, sources: list[str], src: str, tgt: str) -> list[int]:
+        self.tokenizer.src_lang, _ = self.lang_token(src)
+        return [len(ids) for ids in self.tokenizer(sources)["input_ids"]]
 
     def _encode(self, enc: dict):
         """The full encoder's output for a tokenized batch (what ``generate`` would compute first)."""

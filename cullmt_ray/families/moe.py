@@ -46,6 +46,13 @@ class NllbMoeFamily(EncoderDecoderFamily):
                            for layer, mlp in self.sparse.items()}  # present experts (a pruned export may lack some)
         super().__init__(model, tokenizer, model_id)
 
+    def _greedy_config(self, tgt_id: int, decoding):
+        """As the dense family's, while no expert drops tokens over its capacity: the eval capacity is then a
+        fraction of the tokens in the batch, and the greedy loop's batches (finished rows dropped) would route
+        differently from ``generate``'s."""
+        fraction = getattr(self.model.config, "moe_eval_capacity_token_fraction", 1.0)
+        return super()._greedy_config(tgt_id, decoding) if fraction is not None and fraction >= 1.0 else None
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return _is_moe(model) and hasattr(getattr(model, "model", None), "encoder")

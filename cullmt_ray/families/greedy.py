@@ -1,0 +1,207 @@
+"""Greedy decoding without ``generate``: the same tokens as HF greedy search, less work per batch.
+
+``generate(num_beams=1, do_sample=False)`` keeps computing every row of a batch until its longest
+row ends (finished rows are fed padding) and pays its per-step bookkeeping (logits processors,
+stopping criteria, input preparation). The loops here make the same model calls generate makes
+(same cache classes, masks, position ids, forced tokens), take the argmax, and drop a row from the
+batch (its KV cache rows, encoder states and masks) as soon as it emits EOS, so that a batch only
+pays for the rows still running. Each row has its own limit of new tokens (generate has one per
+batch), so a row's tokens do not depend on the batch it is decoded in: the families pass each
+sentence the limit generate would give it in the plain batches and form their batches freely.
+
+They handle the generation-config settings greedy decoding of the supported models uses (EOS ids,
+decoder start, forced BOS/EOS); :func:`unsupported` names any other setting that would change
+greedy's tokens (a repetition penalty, n-gram blocking, suppressed tokens, a minimum length, ...),
+and the families then fall back to ``generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+# generation-config fields that add a logits processor or stopping criterion greedy decoding would apply and
+# these loops do not implement, with their neutral values (transformers 5 leaves unset fields None): any
+# other value falls back to generate
+_NEUTRAL = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+            "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None, []),
+            "sequence_bias": (None, {}), "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
+            "min_length": (None, 0), "min_new_tokens": (None, 0), "exponential_decay_length_penalty": (None,),
+            "guidance_scale": (None, 1.0), "watermarking_config": (None,), "stop_strings": (None, []),
+            "max_time": (None,), "remove_invalid_values": (None, False), "renormalize_logits": (None, False),
+            "cache_implementation": (None, "dynamic"), "prefill_chunk_size": (None,), "is_assistant": (None, False),
+            "num_beams": (None, 1), "do_sample": (None, False), "num_return_sequences": (None, 1),
+            "use_cache": (None, True)}
+
+
+def generation_config(model, **overrides) -> GenerationConfig:
+    """The model's generation config with ``overrides`` applied, as ``generate`` would see it."""
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(**overrides)
+    return gc
+
+
+def unsupported(gc: GenerationConfig) -> str | None:
+    """The first setting of ``gc`` the greedy loops cannot reproduce (greedy search with a cache, EOS ids,
+    decoder start, forced BOS/EOS), or None."""
+    for f, neutral in _NEUTRAL.items():
+        if getattr(gc, f, None) not in neutral:
+            return f
+    if gc.eos_token_id is None:
+        return "eos_token_id"
+    return None
+
+
+def _eos(gc: GenerationConfig, device) -> torch.Tensor:
+    ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+    return torch.tensor(list(ids), dtype=torch.long, device=device)
+
+
+def _pick(logits: torch.Tensor, eos: torch.Tensor, forced_eos: int | None, at_limit: torch.Tensor | None) -> torch.Tensor:
+    """The next token of each row: the argmax, or the forced EOS on a row's last allowed step (generate's
+    ForcedEOSTokenLogitsProcessor at ``max_length - 1``)."""
+    nxt = logits.float().argmax(-1)
+    if forced_eos is not None and at_limit is not None:
+        nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
+    return nxt
+
+
+def _first(ids):
+    return ids[0] if isinstance(ids, (list, tuple)) else ids
+
+
+class _Rows:
+    """Generated tokens per row of the original batch; which rows still run. Row ``i`` may generate
+    ``limits[i]`` tokens (generate's ``max_new_tokens``; a row's own limit, so that a row's tokens never
+    depend on the other rows of its batch)."""
+
+    def __init__(self, limits: list[int], device):
+        self.tokens: list[list[int]] = [[] for _ in limits]
+        self.live = list(range(len(limits)))
+        self.limits = torch.tensor(limits, dtype=torch.long, device=device)
+        self.steps = max(limits) if limits else 0
+
+    def at_limit(self, step: int) -> torch.Tensor | None:
+        """Which live rows generate their last allowed token at ``step`` (None: none)."""
+        hit = self.limits == step + 1
+        return hit if bool(hit.any()) else None
+
+    def add(self, nxt: torch.Tensor, eos: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Record ``nxt`` (one token per live row); the positions of the rows that go on, or None if all do."""
+        done = torch.isin(nxt, eos) | (self.limits <= step + 1)
+        for r, t in zip(self.live, nxt.tolist()):
+            self.tokens[r].append(t)
+        if not bool(done.any()):
+            return None
+        keep = (~done).nonzero().squeeze(1)
+        self.live = [self.live[i] for i in keep.tolist()]
+        self.limits = self.limits[keep]
+        return keep
+
+
+# Encoder-decoder classes whose forward is ``lm_head(decoder(...)[0])``: the loop calls the decoder and the head
+# itself (skipping the wrappers, and the head where the token is forced); any other class runs its full forward.
+_DIRECT = ("M2M100ForConditionalGeneration", "NllbMoeForConditionalGeneration")
+
+
+@torch.inference_mode()
+def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
+                  limits: list[int], encoder_outputs=None) -> list[list[int]]:
+    """Greedy tokens of an encoder-decoder model for a padded batch: ``generate``'s with
+    ``max_new_tokens=limits[i]`` for row ``i``, without the decoder start token and without padding after
+    EOS. ``encoder_outputs``: the encoder's output when known."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    device = input_ids.device
+    if encoder_outputs is None:
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    hidden = encoder_outputs.last_hidden_state
+    start = _first(gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id)
+    eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
+    forced_eos = _first(forced_eos) if forced_eos is not None else None
+    conf = model.config.get_text_config(decoder=True)
+    cache = EncoderDecoderCache(DynamicCache(config=conf), DynamicCache(config=conf))
+    rows = _Rows(limits, device)
+    cur = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=device)
+    direct = type(model).__name__ in _DIRECT
+    if direct:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        # the decoder's cross-attention mask, built once as it builds it every step (None: no padding)
+        mask = create_bidirectional_mask(config=decoder.config, inputs_embeds=hidden[:, :1],
+                                         attention_mask=attention_mask, encoder_hidden_states=hidden)
+    else:
+        mask, out_cls = attention_mask, type(encoder_outputs)
+    for step in range(rows.steps):
+        at_limit = rows.at_limit(step) if forced_eos is not None else None
+        forced = step == 0 and gc.forced_bos_token_id is not None
+        if direct:
+            state = decoder(input_ids=cur, encoder_hidden_states=hidden, encoder_attention_mask=mask, cache=cache,
+                            use_cache=True, return_dict=True).last_hidden_state
+            # a forced first token needs no head
+            logits = None if forced else head(state[:, -1])
+            del state
+        else:
+            out = model(encoder_outputs=out_cls(last_hidden_state=hidden), attention_mask=mask,
+                        decoder_input_ids=cur, cache=cache, use_cache=True, return_dict=True)
+            logits, cache = out.logits[:, -1], out.cache
+            del out
+        if forced:
+            nxt = torch.full((cur.shape[0],), gc.forced_bos_token_id, dtype=torch.long, device=device)
+            if forced_eos is not None and at_limit is not None:
+                nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
+        else:
+            nxt = _pick(logits, eos, forced_eos, at_limit)
+        keep = rows.add(nxt, eos, step)
+        if keep is not None:
+            if not rows.live:
+                break
+            cache.batch_select_indices(keep)
+            hidden, nxt = hidden[keep], nxt[keep]
+            mask = mask[keep] if mask is not None else None
+        cur = nxt[:, None]
+    return rows.tokens
+
+
+@torch.inference_mode()
+def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
+                  limits: list[int]) -> list[list[int]]:
+    """Greedy continuation tokens of a decoder-only model for a left-padded batch of prompts: ``generate``'s
+    new tokens with ``max_new_tokens=limits[i]`` for row ``i``, without padding after EOS."""
+    device = input_ids.device
+    eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
+    forced_eos = _first(forced_eos) if forced_eos is not None else None
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids = position_ids.masked_fill(attention_mask == 0, 0)
+    mask = None if bool((attention_mask == 1).all()) else attention_mask  # generate drops an all-ones mask
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    rows = _Rows(limits, device)
+    cur, pos = input_ids, position_ids
+    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    for step in range(rows.steps):
+        at_limit = rows.at_limit(step) if forced_eos is not None else None
+        out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                    return_dict=True, **kw)
+        nxt = _pick(out.logits[:, -1], eos, forced_eos, at_limit)
+        cache = out.cache
+        del out
+        last = pos[:, -1:] + 1
+        keep = rows.add(nxt, eos, step)
+        if keep is not None:
+            if not rows.live:
+                break
+            cache.batch_select_indices(keep)
+            nxt, last = nxt[keep], last[keep]
+            mask = mask[keep] if mask is not None else None
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        cur, pos = nxt[:, None], last
+    return rows.tokens
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
