@@ -47,6 +47,7 @@ edited since it started (--accept-config-changes goes on) or whose driver still 
 
 environment: CULLMT_NO_PROGRESS=1 hides progress bars; CULLMT_DEBUG=1 shows the traceback of an
 error; CULLMT_ALLOW_DOWNLOAD=1 lets sacrebleu download the flores200 SentencePiece model;
+CULLMT_GREEDY_LOOP=0 decodes with HF generate instead of the faster greedy loop (same outputs);
 RAY_ADDRESS joins that Ray cluster instead of starting a local one.
 """
 

@@ -74,10 +74,16 @@ class EvaluatorActor:
         t0 = time.perf_counter()
         per_direction: dict[str, dict[str, float]] = {}
         n = len(self.devset) if limit is None else min(limit, len(self.devset))
+        dec = self.settings.decoding
+        jobs = [(list(self.devset.lines[src][:n]), src, tgt) for src, tgt in directions]
         with self.family.apply(removed):
-            for src, tgt in directions:
-                hyps = self._translate(list(self.devset.lines[src][:n]), src, tgt, 0, n)
-                per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt][:n]))
+            if all(self.family.rows_exact(src, tgt, dec) for src, tgt in directions):
+                # exact rows: every direction's sentences share the batches (the same outputs, fuller batches)
+                all_hyps = self.family.translate_many(jobs, dec)
+            else:
+                all_hyps = [self._translate(sources, src, tgt, 0, n) for sources, src, tgt in jobs]
+        for (src, tgt), hyps in zip(directions, all_hyps):
+            per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt][:n]))
         metrics = {}
         for m in self.settings.metrics:
             scores = {d: s[m] for d, s in per_direction.items()}
@@ -301,18 +307,23 @@ class EvaluatorPool:
         """Yield ``(candidate, result)`` as candidates complete, scored by ``metric`` (default the primary
         one); a metric that needs no decoding (the KL proxy) runs :meth:`EvaluatorActor.kl` instead.
 
-        Each candidate is split into one task per direction, so that every actor stays busy even
-        when there are fewer candidates than actors (the baseline, a final held-out check); an
-        actor runs one task at a time. A candidate's result is its tasks' results merged.
+        A task is a whole candidate (all its directions decoded together: fuller batches, see
+        :meth:`ModelFamily.translate_many`), except for the candidates left over when they do not
+        divide evenly over the actors (all of them when there are fewer candidates than actors: the
+        baseline, a final held-out check): those are split into one task per direction, so that every
+        actor stays busy to the end. An actor runs one task at a time. A candidate's result is its
+        tasks' results merged.
         """
         metric = metric or self.metric
         method = "evaluate" if METRICS[metric].decoded else metric
-        tasks = [(c, d) for c, dirs in jobs for d in dirs]
+        jobs = list(jobs)
+        whole = len(jobs) - len(jobs) % self.size
+        tasks = [(c, list(dirs)) for c, dirs in jobs[:whole]] + [(c, [d]) for c, dirs in jobs[whole:] for d in dirs]
         parts_left: dict[Candidate, int] = {}
         for c, _ in tasks:
             parts_left[c] = parts_left.get(c, 0) + 1
         parts: dict[Candidate, list[dict]] = {}
-        calls = ((c, lambda a, c=c, d=d: getattr(a, method).remote(c.units, [d], limit)) for c, d in tasks)
+        calls = ((c, lambda a, c=c, d=d: getattr(a, method).remote(c.units, d, limit)) for c, d in tasks)
         for cand, part in self._spread(calls):
             parts.setdefault(cand, []).append(part)
             parts_left[cand] -= 1

@@ -61,3 +61,25 @@ def test_place_actors_spreads_packs_and_leaves_the_rest_to_ray(monkeypatch):
     assert evaluator.place_actors(4, gpu, "spread") == [b, a, b, None]  # the driver's node first; 3 GPUs in all
     assert evaluator.place_actors(3, gpu, "pack") == [b, b, a]
     assert evaluator.place_actors(2, {"CPU": 1.0, "cullmt": 1.0}, "spread") == [a, None]
+
+
+def test_whole_candidate_tasks_score_as_direction_tasks(ray_cluster, tiny_encdec):
+    """With 2 actors, 3 candidates run as 2 whole-candidate tasks (all directions decoded together) and one
+    candidate split into a task per direction: every candidate's scores equal those of its directions scored
+    one by one on an actor."""
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn", "fra_Latn"]).subsample(30)
+    pool = EvaluatorPool(ModelConfig(str(tiny_encdec)), ds, EvalSettings(spm="reference"),
+                         Resources(actors=2), run="wholetest")
+    try:
+        dirs = [("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn"), ("fra_Latn", "deu_Latn")]
+        cands = [Candidate.of(u) for u in (["enc.0"], ["dec.1"], ["enc.1", "dec.0"])]
+        got = dict(pool.evaluate([(c, dirs) for c in cands]))
+        assert set(got) == set(cands)
+        for c in cands:
+            alone = ray.get([pool.actors[0].evaluate.remote(c.units, [d]) for d in dirs])
+            for m in ("spbleu", "chrf++", "bleu"):
+                want = {k: v for part in alone for k, v in part["metrics"][m].items() if k != "mean"}
+                assert {k: v for k, v in got[c]["metrics"][m].items() if k != "mean"} == want
+            assert got[c]["sentences"] == 90
+    finally:
+        pool.shutdown()

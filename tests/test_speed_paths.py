@@ -220,3 +220,27 @@ def test_greedy_loop_falls_back_and_beams_still_work(reference_families):
         assert got == want
     finally:
         gc.repetition_penalty = before
+
+
+@pytest.mark.parametrize("model,removed", [("dense", ["enc.1"]), ("dense", ["dec.2"]), ("llama", ["layer.3"])])
+def test_directions_share_batches_with_the_same_outputs(reference_families, model, removed, monkeypatch):
+    """translate_many pools every direction's rows into token batches (several source and target languages in
+    one batch, tiny batches to force mixing, finished rows kept or dropped at once): each direction gets what it
+    gets translated alone, and what HF generate gives."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.families import greedy
+
+    fam = reference_families[model]
+    dev = load_devset("builtin:demo")
+    dec = Decoding(batch_size=4, max_new_tokens=64)
+    langs = ["eng_Latn", "deu_Latn", "fra_Latn", "ces_Latn"]
+    jobs = [(list(dev.lines[s][:6]), s, t) for s, t in parse_directions("english-centric", langs)]
+    with fam.apply(removed):
+        alone = [fam.translate(*job, dec) for job in jobs]
+        want = [_both(fam, *job, dec)[1] for job in jobs]
+        assert alone == want
+        monkeypatch.setattr(type(fam), "decode_tokens", 200)  # batches of ~10 rows: 3-4 directions each
+        for slack in (1, 8, 10**9):  # drop finished rows never until the batch ends / now and then / at once
+            monkeypatch.setattr(greedy._Rows, "slack", slack)
+            assert fam.translate_many(jobs, dec) == alone

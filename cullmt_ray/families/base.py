@@ -7,6 +7,8 @@ it) and updates the config's layer counts; leaving the context restores all of i
 
 from __future__ import annotations
 
+import os
+
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -137,10 +139,14 @@ class ModelFamily(ABC):
         return batch["attention_mask"].bool()
 
     @abstractmethod
-    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding,
-                  limits: list[int] | None = None) -> list[str]:
-        """Translate one batch (already length-sorted) from ``src`` to ``tgt`` (NLLB codes); ``limits``: each
-        sentence's limit of new tokens (the greedy loop), else the batch's own (``generate``)."""
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
+        """Translate one plain batch (already length-sorted) from ``src`` to ``tgt`` (NLLB codes) with
+        ``generate``, the batch's own limit of new tokens."""
+
+    def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
+        """Translate one batch of ``(source, src, tgt)`` rows, directions mixed, with the greedy loop; row ``i``
+        may generate ``limits[i]`` new tokens. Only called where :meth:`rows_exact` holds for every row."""
+        raise NotImplementedError
 
     # --------------------------------------------------------------- units and sizes
     def units(self) -> list[str]:
@@ -237,8 +243,10 @@ class ModelFamily(ABC):
     greedy_devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     def _greedy_here(self) -> bool:
-        """Whether the greedy loop may run on this replica: fp32 on a device of ``greedy_devices``."""
-        return self.device.type in self.greedy_devices and self.model.dtype == torch.float32
+        """Whether the greedy loop may run on this replica: fp32 on a device of ``greedy_devices``, and not
+        turned off with ``CULLMT_GREEDY_LOOP=0`` (HF ``generate`` then: the same outputs, slower)."""
+        return (os.environ.get("CULLMT_GREEDY_LOOP", "1") != "0" and self.device.type in self.greedy_devices
+                and self.model.dtype == torch.float32)
 
     @torch.inference_mode()
     def translate(self, sources: list[str], src: str, tgt: str, decoding: Decoding = Decoding(),
@@ -248,36 +256,57 @@ class ModelFamily(ABC):
         A sentence may generate up to ``min(max_new_tokens, 2 * L + 10)`` tokens, ``L`` the longest source
         of its batch when the sources are cut, longest first, into batches of ``decoding.batch_size``
         (:meth:`token_limits`; ``limits`` gives them instead, one per source). Where the greedy loop applies
-        and rows are exact (:meth:`rows_exact`: a row's tokens do not depend on the other rows it is decoded
-        with), the batches actually decoded are formed by tokens instead (``decode_tokens``, ``decode_rows``):
-        the same outputs, fewer steps; otherwise the plain batches run ``generate``.
+        and rows are exact (:meth:`rows_exact`), see :meth:`translate_many`; otherwise the plain batches run
+        ``generate``.
         """
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
-        out: list[str] = [""] * len(sources)
         if not sources:
-            return out
+            return []
         if self.rows_exact(src, tgt, decoding):
-            lengths = self._limit_lengths(sources, src, tgt)
-            limits = limits if limits is not None else self.token_limits(sources, lengths, decoding)
-            batches, b, longest = [], [], 0
-            for i in order:
-                if b and (len(b) + 1 > self.decode_rows or (len(b) + 1) * max(longest, lengths[i]) > self.decode_tokens):
-                    batches.append(b)
-                    b, longest = [], 0
-                b.append(i)
-                longest = max(longest, lengths[i])
-            batches.append(b)
-            for idx in batches:
-                hyps = self._generate([sources[i] for i in idx], src, tgt, decoding, [limits[i] for i in idx])
-                for i, hyp in zip(idx, hyps):
-                    out[i] = hyp.strip()
-            return out
+            return self.translate_many([(sources, src, tgt)], decoding, [limits])[0]
         if limits is not None:
             raise FamilyError("per-sentence token limits need exact rows (greedy loop, CPU)")
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
+        out: list[str] = [""] * len(sources)
         for b in range(0, len(order), decoding.batch_size):
             idx = order[b : b + decoding.batch_size]
             for i, hyp in zip(idx, self._generate([sources[i] for i in idx], src, tgt, decoding)):
                 out[i] = hyp.strip()
+        return out
+
+    @torch.inference_mode()
+    def translate_many(self, jobs: list[tuple[list[str], str, str]], decoding: Decoding = Decoding(),
+                       limits: list[list[int] | None] | None = None) -> list[list[str]]:
+        """Translate several ``(sources, src, tgt)`` jobs (e.g. every direction of a candidate); one list of
+        hypotheses per job, in input order.
+
+        Where every job's rows are exact (:meth:`rows_exact`: a row's tokens do not depend on the rows it is
+        decoded with), the rows of all jobs are pooled, sorted by source tokens and decoded together in batches
+        formed by tokens (``decode_tokens`` padded source tokens, at most ``decode_rows`` rows), each row with
+        its own token limit (its job's :meth:`token_limits`, or ``limits[j]``): the outputs of translating
+        each job alone, in fewer, fuller batches. Otherwise each job runs :meth:`translate`.
+        """
+        limits = limits or [None] * len(jobs)
+        if not all(self.rows_exact(src, tgt, decoding) for _, src, tgt in jobs):
+            return [self.translate(sources, src, tgt, decoding, lim) for (sources, src, tgt), lim in zip(jobs, limits)]
+        pool: list[tuple[int, int, int, int]] = []  # (source tokens, job, sentence, token limit)
+        for j, (sources, src, tgt) in enumerate(jobs):
+            lengths = self._limit_lengths(sources, src, tgt) if sources else []
+            lim = limits[j] if limits[j] is not None else self.token_limits(sources, lengths, decoding)
+            pool += [(lengths[i], j, i, lim[i]) for i in range(len(sources))]
+        pool.sort(key=lambda r: -r[0])
+        batches: list[list[tuple[int, int, int, int]]] = []
+        for row in pool:
+            b = batches[-1] if batches else None
+            # sorted longest first: the batch's first row is its longest
+            if b is None or len(b) + 1 > self.decode_rows or (len(b) + 1) * b[0][0] > self.decode_tokens:
+                batches.append([row])
+            else:
+                b.append(row)
+        out = [[""] * len(sources) for sources, _, _ in jobs]
+        for b in batches:
+            rows = [(jobs[j][0][i], jobs[j][1], jobs[j][2]) for _, j, i, _ in b]
+            for (_, j, i, _), hyp in zip(b, self._greedy_rows(rows, decoding, [r[3] for r in b])):
+                out[j][i] = hyp.strip()
         return out
 
     @staticmethod

@@ -77,30 +77,30 @@ class DecoderOnlyFamily(ModelFamily):
             return self.tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
         return self.prompt_template.format(**fields)
 
-    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding,
-                  limits: list[int] | None = None) -> list[str]:
+    def _prompt_ids(self, rows: list[tuple[str, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and attention mask of ``(source, src, tgt)`` rows."""
         tok = self.tokenizer
-        prompts = [self.prompt(s, src, tgt) for s in sources]
-        rows = tok(prompts, add_special_tokens=False)["input_ids"]
+        ids = tok([self.prompt(s, src, tgt) for s, src, tgt in rows], add_special_tokens=False)["input_ids"]
         if tok.bos_token_id is not None and not self.use_chat_template:
-            rows = [[tok.bos_token_id] + r for r in rows]
-        enc = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        gc = self._greedy_config(decoding)
-        if gc is not None:
-            if limits is None:
-                limits = [min(decoding.max_new_tokens, 2 * max(self._limit_lengths(sources, src, tgt)) + 10)] * len(sources)
-            new = greedy_causal(self.model, ids.to(self.device), mask.to(self.device), gc, limits)
-        elif limits is not None:
-            raise FamilyError("per-sentence token limits need the greedy loop")
-        else:
-            longest_src = max(self._limit_lengths(sources, src, tgt))
-            budget = min(decoding.max_new_tokens, 2 * longest_src + 10)
-            new = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      num_beams=decoding.num_beams, max_new_tokens=budget, do_sample=False,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok))[:, ids.shape[1] :]
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        return [t.strip().split("\n")[0].strip() for t in texts]
+            ids = [[tok.bos_token_id] + r for r in ids]
+        enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _first_lines(self, new) -> list[str]:
+        return [t.strip().split("\n")[0].strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
+        tok = self.tokenizer
+        ids, mask = self._prompt_ids([(s, src, tgt) for s in sources])
+        budget = min(decoding.max_new_tokens, 2 * max(self._limit_lengths(sources, src, tgt)) + 10)
+        new = self.model.generate(input_ids=ids, attention_mask=mask, num_beams=decoding.num_beams,
+                                  max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=_stop_ids(tok))[:, ids.shape[1] :]
+        return self._first_lines(new)
+
+    def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
+        ids, mask = self._prompt_ids(rows)
+        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits))
 
     def _greedy_config(self, decoding: Decoding):
         """The generation config the greedy loop decodes with, or None where it does not apply (beams, a

@@ -74,28 +74,43 @@ class EncoderDecoderFamily(ModelFamily):
             raise FamilyError(f"language {code!r} has no language token in {self.model_id}'s tokenizer")
         return code, tid
 
-    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding,
-                  limits: list[int] | None = None) -> list[str]:
+    def _generate(self, sources: list[str], src: str, tgt: str, decoding: Decoding) -> list[str]:
         src_key, _ = self.lang_token(src)
         _, tgt_id = self.lang_token(tgt)
         self.tokenizer.src_lang = src_key
         enc = self.tokenizer(sources, return_tensors="pt", padding=True).to(self.device)
         budget = min(decoding.max_new_tokens, int(enc["input_ids"].shape[1] * 2) + 10)
         extra = {}
-        if self.encoder_cache is not None and not any(u.startswith("enc.") for u in self.removed):
+        if self._encoder_cached():
             hit = self.encoder_cache.get((src_key, tuple(sources)), lambda: self._encode(enc))
             extra["encoder_outputs"] = type(hit)(last_hidden_state=hit.last_hidden_state)  # generate expands it for beams
-        gc = self._greedy_config(tgt_id, decoding)
-        if gc is not None:
-            start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
-            rows = greedy_encdec(self.model, enc["input_ids"], enc["attention_mask"], gc,
-                                 limits or [budget] * len(sources), extra.get("encoder_outputs"))
-            return self.tokenizer.batch_decode([[start, *r] for r in rows], skip_special_tokens=True)
-        if limits is not None:
-            raise FamilyError("per-sentence token limits need the greedy loop")
         gen = self.model.generate(**enc, forced_bos_token_id=tgt_id, num_beams=decoding.num_beams,
                                   max_new_tokens=budget, do_sample=False, **extra)
         return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+
+    def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
+        tok = self.tokenizer
+        ids: list[list[int]] = [[] for _ in rows]
+        keys = [self.lang_token(src)[0] for _, src, _ in rows]
+        for key in dict.fromkeys(keys):  # one tokenizer call per source language
+            idx = [i for i, k in enumerate(keys) if k == key]
+            tok.src_lang = key
+            for i, row in zip(idx, tok([rows[i][0] for i in idx])["input_ids"]):
+                ids[i] = row
+        enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
+        tgt_ids = [self.lang_token(tgt)[1] for _, _, tgt in rows]
+        encoder_outputs = None
+        if self._encoder_cached():
+            encoder_outputs = self.encoder_cache.get(tuple(zip(keys, (r[0] for r in rows))), lambda: self._encode(enc))
+        gc = self._greedy_config(tgt_ids[0], decoding)
+        start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
+        out = greedy_encdec(self.model, enc["input_ids"], enc["attention_mask"], gc, limits, encoder_outputs,
+                            forced_bos=torch.tensor(tgt_ids, device=self.device))
+        return tok.batch_decode([[start, *r] for r in out], skip_special_tokens=True)
+
+    def _encoder_cached(self) -> bool:
+        """Whether the full encoder's output may be reused: the cache is on and no encoder unit is removed."""
+        return self.encoder_cache is not None and not any(u.startswith("enc.") for u in self.removed)
 
     def _greedy_config(self, tgt_id: int, decoding: Decoding):
         """The generation config the greedy loop decodes with, or None where it does not apply (beams, a

@@ -74,31 +74,44 @@ def _first(ids):
 
 
 class _Rows:
-    """Generated tokens per row of the original batch; which rows still run. Row ``i`` may generate
-    ``limits[i]`` tokens (generate's ``max_new_tokens``; a row's own limit, so that a row's tokens never
-    depend on the other rows of its batch)."""
+    """Generated tokens per row of the original batch; which rows the batch still holds and which of them still
+    run. Row ``i`` may generate ``limits[i]`` tokens (generate's ``max_new_tokens``; a row's own limit, so that a
+    row's tokens never depend on the other rows of its batch).
+
+    A finished row stays in the batch (computed, its tokens ignored) until finished rows make up ``1/slack`` of
+    it: dropping rows copies every cache tensor, which costs more than a few idle rows for a step or two.
+    """
+
+    slack: int = 8
 
     def __init__(self, limits: list[int], device):
         self.tokens: list[list[int]] = [[] for _ in limits]
-        self.live = list(range(len(limits)))
+        self.live = list(range(len(limits)))  # the original row of each batch row
+        self.running = torch.ones(len(limits), dtype=torch.bool, device=device)
         self.limits = torch.tensor(limits, dtype=torch.long, device=device)
         self.steps = max(limits) if limits else 0
 
     def at_limit(self, step: int) -> torch.Tensor | None:
-        """Which live rows generate their last allowed token at ``step`` (None: none)."""
+        """Which batch rows generate their last allowed token at ``step`` (None: none)."""
         hit = self.limits == step + 1
         return hit if bool(hit.any()) else None
 
     def add(self, nxt: torch.Tensor, eos: torch.Tensor, step: int) -> torch.Tensor | None:
-        """Record ``nxt`` (one token per live row); the positions of the rows that go on, or None if all do."""
-        done = torch.isin(nxt, eos) | (self.limits <= step + 1)
-        for r, t in zip(self.live, nxt.tolist()):
-            self.tokens[r].append(t)
+        """Record ``nxt`` (one token per batch row) for the running rows; the positions of the rows the batch
+        keeps, or None if it keeps all (an empty tensor: every row is done)."""
+        done = (torch.isin(nxt, eos) | (self.limits <= step + 1)) & self.running
+        for r, t, run in zip(self.live, nxt.tolist(), self.running.tolist()):
+            if run:
+                self.tokens[r].append(t)
         if not bool(done.any()):
             return None
-        keep = (~done).nonzero().squeeze(1)
+        self.running &= ~done
+        running = int(self.running.sum())
+        if running and (len(self.live) - running) * self.slack < len(self.live):
+            return None
+        keep = self.running.nonzero().squeeze(1)
         self.live = [self.live[i] for i in keep.tolist()]
-        self.limits = self.limits[keep]
+        self.limits, self.running = self.limits[keep], self.running[keep]
         return keep
 
 
@@ -109,10 +122,11 @@ _DIRECT = ("M2M100ForConditionalGeneration", "NllbMoeForConditionalGeneration")
 
 @torch.inference_mode()
 def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
-                  limits: list[int], encoder_outputs=None) -> list[list[int]]:
+                  limits: list[int], encoder_outputs=None, forced_bos: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy tokens of an encoder-decoder model for a padded batch: ``generate``'s with
     ``max_new_tokens=limits[i]`` for row ``i``, without the decoder start token and without padding after
-    EOS. ``encoder_outputs``: the encoder's output when known."""
+    EOS. ``encoder_outputs``: the encoder's output when known. ``forced_bos``: each row's forced first token
+    (rows of several target languages in one batch), instead of ``gc.forced_bos_token_id``."""
     from transformers.masking_utils import create_bidirectional_mask
 
     device = input_ids.device
@@ -136,7 +150,7 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         mask, out_cls = attention_mask, type(encoder_outputs)
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
-        forced = step == 0 and gc.forced_bos_token_id is not None
+        forced = step == 0 and (forced_bos is not None or gc.forced_bos_token_id is not None)
         if direct:
             state = decoder(input_ids=cur, encoder_hidden_states=hidden, encoder_attention_mask=mask, cache=cache,
                             use_cache=True, return_dict=True).last_hidden_state
@@ -149,7 +163,8 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             logits, cache = out.logits[:, -1], out.cache
             del out
         if forced:
-            nxt = torch.full((cur.shape[0],), gc.forced_bos_token_id, dtype=torch.long, device=device)
+            nxt = forced_bos.to(device=device, dtype=torch.long) if forced_bos is not None else \
+                torch.full((cur.shape[0],), gc.forced_bos_token_id, dtype=torch.long, device=device)
             if forced_eos is not None and at_limit is not None:
                 nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
         else:
