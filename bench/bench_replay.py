@@ -3,7 +3,7 @@ tables (``bench/bench_ground_truth.py``) and write ``replay.{json,md,png}`` per 
 
 Each strategy (and variant: options, the KL stage of ``search.fidelity`` with a ``keep`` fraction)
 runs at every size 1..4 with greedy's budget for that size; see :mod:`cullmt_ray.replay`.
-    python bench/bench_replay.py [--seeds 30] [--tables dense,llama] [--proxy-cost measure|X]
+    python bench/bench_replay.py [--seeds 30] [--tables dense,llama] [--proxy-cost measure|X] [--sizes 1,2,3,4,5,6]
 
 ``--proxy-cost measure`` times a KL evaluation against a decoded one on the table's model and
 settings, interleaved on the same prune sets in one process (the ratio the cost columns use); the
@@ -77,6 +77,13 @@ def measure_proxy_cost(table_path: Path, n_sets: int = 8) -> tuple[float, str]:
                    f"1 thread, load {load:.1f}")
 
 
+def _units(path: Path) -> list:
+    """The removable units of a table (a size must leave one)."""
+    from cullmt_ray.replay import load_table
+
+    return load_table(path).space.removable
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=30)
@@ -84,7 +91,10 @@ def main() -> None:
     ap.add_argument("--proxy-cost", default=None, help="a KL evaluation's cost in decoded ones: a number, or "
                     "'measure' (default: each table's seconds ratio)")
     ap.add_argument("--keeps", default="0.25,0.34,0.5", help="KL-stage keep fractions to try")
+    ap.add_argument("--sizes", default=None, help="prune-set sizes to replay, e.g. 1,2,3,4,5,6 (default: the "
+                    "table's complete sizes up to 4; the target is judged on sizes <= 4)")
     args = ap.parse_args()
+    sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
     keeps = [float(k) for k in args.keeps.split(",") if k]
     for name in args.tables.split(","):
         path = OUT / f"{name}.parquet"
@@ -95,7 +105,8 @@ def main() -> None:
         elif args.proxy_cost is not None:
             cost, source = float(args.proxy_cost), "given on the command line"
         out = run_replay(path, variants(keeps), seeds=args.seeds, out_dir=OUT / f"replay-{name}",
-                         options=OPTIONS, proxy_cost=cost, proxy_source=source)
+                         options=OPTIONS, proxy_cost=cost, proxy_source=source,
+                         sizes=[k for k in sizes if k < len(_units(path))] if sizes else None)
         target = json.loads((out / "replay.json").read_text())["target"]
         print(json.dumps({k: v["met"] for k, v in target.items()}))
 

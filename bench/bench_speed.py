@@ -342,7 +342,8 @@ def project(nllb: dict, greedy: dict | None) -> dict:
     plain = sum(cost) * anchor
     frac = None
     if greedy:
-        ratios = [v["decoded_ratio"] for k, v in greedy.items() if isinstance(v, dict) and "decoded_ratio" in v]
+        ratios = [v["racing_over_plain"]["decoded_ratio"] for v in greedy.values()
+                  if isinstance(v, dict) and "racing_over_plain" in v]
         frac = sum(ratios) / len(ratios) if ratios else None
     out = {"evaluations_plain": sum(48 - k for k in range(removed)), "gpu_hours_plain": round(plain, 1),
            "fixed_over_per_layer": round(fixed / per_layer, 2) if per_layer > 0 else None,
