@@ -141,7 +141,53 @@ def part_candidate(args) -> dict:
                                   "note": "encoder output cached (decoder-only prune set; first repeat fills it)"
                                   if not any(u.startswith("enc.") for u in removed) else "no cache applies"}
     print(res, flush=True)
-    return {"candidate": {"model": "reference:dense", "sentences": len(sources), "threads": 1, **res}}
+    return {"candidate": {"model": "reference:dense", "sentences": len(sources), "threads": 1, **res,
+                          "all_directions": _all_directions(fam, Decoding(), args.repeats)}}
+
+
+def _all_directions(fam, dec, repeats: int) -> dict:
+    """A demo candidate (100 sentences x 6 directions): every direction's rows in shared batches
+    (``translate_many``, what an actor task runs) vs one direction at a time, interleaved; and the share of
+    the time the encoder takes (what caching hidden states at encoder layer boundaries could save at most)."""
+    from cullmt_ray.data import load_devset, parse_directions
+
+    dev = load_devset("builtin:demo")
+    jobs = [(list(dev.lines[s][:100]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
+    enc_seconds = [0.0]
+
+    def pre(*_):
+        enc_seconds.append(time.perf_counter())
+
+    def post(*_):
+        enc_seconds[0] += time.perf_counter() - enc_seconds.pop()
+
+    out = {}
+    for removed in (["enc.1"], ["dec.4"]):
+        fam.encoder_cache.clear()
+        many, alone, enc_share = [], [], []
+        with fam.apply(removed):
+            fam.translate_many(jobs, dec)  # warm (fills the encoder cache for a decoder-only set)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                a = [fam.translate(*job, dec) for job in jobs]
+                alone.append(time.perf_counter() - t)
+                hooks = [fam.model.model.encoder.register_forward_pre_hook(pre),
+                         fam.model.model.encoder.register_forward_hook(post)]
+                enc_seconds[0] = 0.0
+                t = time.perf_counter()
+                b = fam.translate_many(jobs, dec)
+                many.append(time.perf_counter() - t)
+                enc_share.append(enc_seconds[0] / many[-1])
+                for h in hooks:
+                    h.remove()
+        out["+".join(removed)] = {"shared_batches_seconds_median": round(statistics.median(many), 3),
+                                  "per_direction_seconds_median": round(statistics.median(alone), 3),
+                                  "ratio": round(statistics.median(many) / statistics.median(alone), 3),
+                                  "identical_outputs": f"{sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))}"
+                                                       f"/{sum(len(j[0]) for j in jobs)}",
+                                  "encoder_share_of_time": round(statistics.median(enc_share), 3)}
+    print("all directions", out, flush=True)
+    return out
 
 
 def part_demo(args) -> dict:
