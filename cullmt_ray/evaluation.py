@@ -246,11 +246,13 @@ class EvaluationService:
         alive, left, seen, rnd = list(todo), {}, 0, 0
         t0 = time.perf_counter()
         while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
-            stop = min(n, seen + sc.racing_chunk)
-            jobs = [((c, d), c.units, d, seen, stop) for c in alive for d in names]
-            for (c, d), part in self.pool.sentence_stats(jobs, n):
-                stats[c][d].extend(part["stats"])
-                hyps[c][d].extend(part["hyps"])
+            # once the race is decided (no more than ``keep`` left), the rest of the dev set in one go
+            stop = min(n, seen + sc.racing_chunk) if len(alive) > keep else n
+            jobs = [(c, c.units, dirs, seen, stop) for c, dirs in self.pool.split(alive, names)]
+            for c, part in self.pool.sentence_stats(jobs, n):
+                for d, p in zip(part["directions"], part["parts"]):
+                    stats[c][d].extend(p["stats"])
+                    hyps[c][d].extend(p["hyps"])
                 k = cost[c]
                 k["sentences"] += part["sentences"]
                 k["seconds"] += part["seconds"]

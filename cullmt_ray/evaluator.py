@@ -118,19 +118,29 @@ class EvaluatorActor:
             self._limit_cache[src, horizon] = self.family.token_limits(lines, self.family._limit_lengths(lines, src, src), dec)
         return self._limit_cache[src, horizon]
 
-    def sentence_stats(self, removed: list[str], direction: Direction, start: int, stop: int,
+    def sentence_stats(self, removed: list[str], directions: list[Direction], start: int, stop: int,
                        horizon: int | None = None) -> dict:
         """Hypotheses and per-sentence statistics of the primary metric for dev sentences ``[start, stop)``
-        of one direction (a racing chunk of a race over the first ``horizon``, see :mod:`cullmt_ray.racing`):
-        decoded exactly as in :meth:`evaluate` of the first ``horizon`` when rows are exact, or when ``start``
-        and ``stop`` are on ``settings.block`` boundaries."""
+        of each of ``directions`` (a racing chunk of a race over the first ``horizon``, see
+        :mod:`cullmt_ray.racing`), one entry of ``parts`` per direction: decoded exactly as in :meth:`evaluate`
+        of the first ``horizon`` when rows are exact (then every direction's rows share the batches), or when
+        ``start`` and ``stop`` are on ``settings.block`` boundaries."""
         t0 = time.perf_counter()
-        src, tgt = direction
+        dec = self.settings.decoding
+        jobs = [(list(self.devset.lines[src][start:stop]), src, tgt) for src, tgt in directions]
+        horizon = len(self.devset) if horizon is None else horizon
         with self.family.apply(removed):
-            hyps = self._translate(list(self.devset.lines[src][start:stop]), src, tgt, start, horizon)
-        stats = self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]), self.settings.metric)
+            if all(self.family.rows_exact(src, tgt, dec) for src, tgt in directions):
+                limits = [self._limits(src, horizon, dec)[start:stop] for src, _ in directions]
+                all_hyps = self.family.translate_many(jobs, dec, limits)
+            else:
+                all_hyps = [self._translate(sources, src, tgt, start, horizon) for sources, src, tgt in jobs]
+        parts = [{"hyps": hyps, "stats": self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]),
+                                                                    self.settings.metric)}
+                 for (_, tgt), hyps in zip(directions, all_hyps)]
         size = self.family.size(removed)
-        return {"hyps": hyps, "stats": stats, "params": size.params, "bytes": size.bytes, "sentences": len(hyps),
+        return {"directions": [tuple(d) for d in directions], "parts": parts, "params": size.params,
+                "bytes": size.bytes, "sentences": sum(len(h) for h in all_hyps),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
     def kl(self, removed: list[str], directions: list[Direction], limit: int | None = None,
@@ -352,11 +362,18 @@ class EvaluatorPool:
                                f"({type(e).__name__}); every finished evaluation is stored") from e
 
     def sentence_stats(self, jobs: Iterable[tuple], horizon: int | None = None) -> Iterator[tuple[Any, dict]]:
-        """Spread ``(key, removed, direction, start, stop)`` racing chunks of a race over the first ``horizon``
-        sentences over the actors; yield ``(key, per-sentence statistics)`` as they finish
+        """Spread ``(key, removed, directions, start, stop)`` racing chunks of a race over the first ``horizon``
+        sentences over the actors; yield ``(key, per-sentence statistics per direction)`` as they finish
         (:meth:`EvaluatorActor.sentence_stats`)."""
-        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), d, s, e, horizon))
+        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon))
                             for key, removed, d, s, e in jobs)
+
+    def split(self, keys: list, directions: list) -> list[tuple[Any, list]]:
+        """``(key, directions)`` tasks: one per key with every direction (decoded together: fuller batches),
+        except the keys left over when they do not divide evenly over the actors, which get one task per
+        direction so that every actor stays busy to the end."""
+        whole = len(keys) - len(keys) % self.size
+        return [(k, list(directions)) for k in keys[:whole]] + [(k, [d]) for k in keys[whole:] for d in directions]
 
     def proxies(self, units: list[str], directions: list[Direction]) -> dict:
         """Importance proxies for ``units`` (see :mod:`cullmt_ray.proxies`), units spread over the actors."""

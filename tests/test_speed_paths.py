@@ -113,13 +113,17 @@ def test_a_race_chunk_decodes_as_the_full_evaluation(tiny_llama, demo_sources, t
     d = ("eng_Latn", "deu_Latn")
     actor = EvaluatorActor(ModelConfig(str(tiny_llama)), dev, EvalSettings(metrics=("spbleu", "bleu"), spm="reference", block=5),
                            1, "t")
-    full = actor.evaluate(["layer.1"], [d])
-    chunks = [actor.sentence_stats(["layer.1"], d, s, min(s + 5, len(dev))) for s in range(0, len(dev), 5)]
-    hyps = [h for c in chunks for h in c["hyps"]]
-    assert Scorer(spm="reference", metrics=("spbleu", "bleu")).score(hyps, list(dev.lines["deu_Latn"])) == \
-        {m: full["metrics"][m]["eng_Latn-deu_Latn"] for m in ("spbleu", "bleu")}
-    stats = np.array([s for c in chunks for s in c["stats"]])
-    assert round(float(bleu_from_stats(stats.sum(axis=0))), 4) == full["metrics"]["spbleu"]["eng_Latn-deu_Latn"]
+    back = ("deu_Latn", "eng_Latn")
+    full = actor.evaluate(["layer.1"], [d, back])
+    chunks = [actor.sentence_stats(["layer.1"], [d, back], s, min(s + 5, len(dev))) for s in range(0, len(dev), 5)]
+    for i, (dd, tgt) in enumerate(((d, "deu_Latn"), (back, "eng_Latn"))):
+        assert all(c["directions"][i] == dd for c in chunks)
+        name = "-".join(dd)
+        hyps = [h for c in chunks for h in c["parts"][i]["hyps"]]
+        assert Scorer(spm="reference", metrics=("spbleu", "bleu")).score(hyps, list(dev.lines[tgt])) == \
+            {m: full["metrics"][m][name] for m in ("spbleu", "bleu")}
+        stats = np.array([s for c in chunks for s in c["parts"][i]["stats"]])
+        assert round(float(bleu_from_stats(stats.sum(axis=0))), 4) == full["metrics"]["spbleu"][name]
 
 
 @pytest.mark.parametrize("model", ["tiny_encdec", "tiny_llama"])
