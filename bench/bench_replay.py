@@ -37,7 +37,8 @@ def variants(keeps: list[float]) -> list:
                  {"label": "hybrid(no mix)", "strategy": "hybrid", "options": {"mix": False}},
                  {"label": "hybrid(extend=all)", "strategy": "hybrid", "options": {"extend": 0}}]
     for keep in keeps:
-        out += [f"greedy+kl={keep}/free", f"hybrid+kl={keep}/free", f"greedy+kl={keep}", f"hybrid+kl={keep}"]
+        out += [f"greedy+kl={keep}/free", f"hybrid+kl={keep}/free", f"greedy+kl={keep}", f"hybrid+kl={keep}",
+                {"label": f"hybrid(no mix)+kl={keep}", "strategy": "hybrid", "options": {"mix": False}, "keep": keep}]
     return out
 
 
