@@ -13,7 +13,7 @@ from torch import nn
 
 from ..languages import name as lang_name
 from ..config import Decoding
-from .base import Example, FamilyError, LayerStack, ModelFamily
+from .base import Example, LayerStack, ModelFamily
 from .greedy import generation_config, greedy_causal, unsupported
 
 # The reference Llama is trained with this template; base LLMs follow it well enough too.
