@@ -114,6 +114,17 @@ class _Rows:
         self.limits, self.running = self.limits[keep], self.running[keep]
         return keep
 
+    def advance(self, nxt: torch.Tensor, eos: torch.Tensor, step: int, cache, *rows_of: torch.Tensor | None):
+        """:meth:`add`, then the rows the batch drops leave ``cache`` and each of ``rows_of`` (per-row tensors;
+        None stays None): the narrowed tensors, or None when every row is done."""
+        keep = self.add(nxt, eos, step)
+        if keep is None:
+            return rows_of
+        if not self.live:
+            return None
+        cache.batch_select_indices(keep)
+        return tuple(t[keep] if t is not None else None for t in rows_of)
+
 
 # Encoder-decoder classes whose forward is ``lm_head(decoder(...)[0])``: the loop calls the decoder and the head
 # itself (skipping the wrappers, and the head where the token is forced); any other class runs its full forward.
@@ -169,13 +180,10 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                 nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
         else:
             nxt = _pick(logits, eos, forced_eos, at_limit)
-        keep = rows.add(nxt, eos, step)
-        if keep is not None:
-            if not rows.live:
-                break
-            cache.batch_select_indices(keep)
-            hidden, nxt = hidden[keep], nxt[keep]
-            mask = mask[keep] if mask is not None else None
+        kept = rows.advance(nxt, eos, step, cache, hidden, nxt, mask)
+        if kept is None:
+            break
+        hidden, nxt, mask = kept
         cur = nxt[:, None]
     return rows.tokens
 
@@ -203,13 +211,10 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         cache = out.cache
         del out
         last = pos[:, -1:] + 1
-        keep = rows.add(nxt, eos, step)
-        if keep is not None:
-            if not rows.live:
-                break
-            cache.batch_select_indices(keep)
-            nxt, last = nxt[keep], last[keep]
-            mask = mask[keep] if mask is not None else None
+        kept = rows.advance(nxt, eos, step, cache, nxt, last, mask)
+        if kept is None:
+            break
+        nxt, last, mask = kept
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         cur, pos = nxt[:, None], last
