@@ -248,7 +248,7 @@ class EvaluationService:
         while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
             # once the race is decided (no more than ``keep`` left), the rest of the dev set in one go
             stop = min(n, seen + sc.racing_chunk) if len(alive) > keep else n
-            jobs = [(c, c.units, dirs, seen, stop) for c, dirs in self.pool.split(alive, names)]
+            jobs = [(c, c.units, dirs, seen, stop) for c, dirs in self.pool.split([(c, names) for c in alive])]
             for c, part in self.pool.sentence_stats(jobs, n):
                 for d, p in zip(part["directions"], part["parts"]):
                     stats[c][d].extend(p["stats"])

@@ -55,6 +55,7 @@ class EvaluatorActor:
         self.devset = devset
         self.settings = settings
         self.scorer = Scorer(spm=settings.spm, metrics=settings.metrics)
+        self._limit_cache: dict[tuple[str, int], list[int]] = {}
 
     def ready(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
@@ -74,14 +75,8 @@ class EvaluatorActor:
         t0 = time.perf_counter()
         per_direction: dict[str, dict[str, float]] = {}
         n = len(self.devset) if limit is None else min(limit, len(self.devset))
-        dec = self.settings.decoding
-        jobs = [(list(self.devset.lines[src][:n]), src, tgt) for src, tgt in directions]
         with self.family.apply(removed):
-            if all(self.family.rows_exact(src, tgt, dec) for src, tgt in directions):
-                # exact rows: every direction's sentences share the batches (the same outputs, fuller batches)
-                all_hyps = self.family.translate_many(jobs, dec)
-            else:
-                all_hyps = [self._translate(sources, src, tgt, 0, n) for sources, src, tgt in jobs]
+            all_hyps = self._decode(directions, 0, n, n)
         for (src, tgt), hyps in zip(directions, all_hyps):
             per_direction[direction_name((src, tgt))] = self.scorer.score(hyps, list(self.devset.lines[tgt][:n]))
         metrics = {}
@@ -93,29 +88,27 @@ class EvaluatorActor:
                 "bytes": size.bytes, "sentences": n * len(directions),
                 "seconds": time.perf_counter() - t0, "actor": self.name}
 
-    def _translate(self, sources: list[str], src: str, tgt: str, start: int = 0, horizon: int | None = None) -> list[str]:
-        """The dev set's decoding of ``sources`` (dev sentences ``start`` on, of the first ``horizon``): length-sorted
-        batches, within blocks of ``settings.block`` when set. Where rows are exact (:meth:`ModelFamily.rows_exact`)
-        blocks change nothing: a race chunk decodes each sentence as the decoding of the first ``horizon`` does
-        (the same token limit, :meth:`ModelFamily.token_limits`), so racing and plain decoding give the same outputs."""
+    def _decode(self, directions: list[Direction], start: int, stop: int, horizon: int) -> list[list[str]]:
+        """Hypotheses for dev sentences ``[start, stop)`` of each direction, decoded as the evaluation of the first
+        ``horizon`` decodes them. Where rows are exact (:meth:`ModelFamily.rows_exact`) every direction's rows share
+        token batches and each sentence keeps its token limit within the first ``horizon``
+        (:meth:`ModelFamily.token_limits`), so a race chunk decodes as the full evaluation does; otherwise each
+        direction runs length-sorted plain batches, within blocks of ``settings.block`` when set."""
         dec = self.settings.decoding
-        horizon = len(self.devset) if horizon is None else horizon
-        if self.family.rows_exact(src, tgt, dec):
-            if start == 0 and len(sources) == horizon or not self.settings.block:
-                return self.family.translate(sources, src, tgt, dec)
-            limits = self._limits(src, horizon, dec)[start : start + len(sources)]
-            return self.family.translate(sources, src, tgt, dec, limits)
-        b = self.settings.block or len(sources) or 1
-        return [h for i in range(0, len(sources), b)
-                for h in self.family.translate(sources[i : i + b], src, tgt, dec)]
+        jobs = [(list(self.devset.lines[src][start:stop]), src, tgt) for src, tgt in directions]
+        if all(self.family.rows_exact(src, tgt, dec) for src, tgt in directions):
+            limits = [self._limits(src, horizon)[start:stop] for src, _ in directions]
+            return self.family.translate_many(jobs, dec, limits)
+        b = self.settings.block or (stop - start) or 1
+        return [[h for i in range(0, len(sources), b) for h in self.family.translate(sources[i : i + b], src, tgt, dec)]
+                for sources, src, tgt in jobs]
 
-    def _limits(self, src: str, horizon: int, dec) -> list[int]:
+    def _limits(self, src: str, horizon: int) -> list[int]:
         """The token limits of decoding the first ``horizon`` dev sentences from ``src`` (cached)."""
-        if not hasattr(self, "_limit_cache"):
-            self._limit_cache: dict = {}
         if (src, horizon) not in self._limit_cache:
             lines = list(self.devset.lines[src][:horizon])
-            self._limit_cache[src, horizon] = self.family.token_limits(lines, self.family._limit_lengths(lines, src, src), dec)
+            self._limit_cache[src, horizon] = self.family.token_limits(
+                lines, self.family._limit_lengths(lines, src, src), self.settings.decoding)
         return self._limit_cache[src, horizon]
 
     def sentence_stats(self, removed: list[str], directions: list[Direction], start: int, stop: int,
@@ -126,15 +119,8 @@ class EvaluatorActor:
         of the first ``horizon`` when rows are exact (then every direction's rows share the batches), or when
         ``start`` and ``stop`` are on ``settings.block`` boundaries."""
         t0 = time.perf_counter()
-        dec = self.settings.decoding
-        jobs = [(list(self.devset.lines[src][start:stop]), src, tgt) for src, tgt in directions]
-        horizon = len(self.devset) if horizon is None else horizon
         with self.family.apply(removed):
-            if all(self.family.rows_exact(src, tgt, dec) for src, tgt in directions):
-                limits = [self._limits(src, horizon, dec)[start:stop] for src, _ in directions]
-                all_hyps = self.family.translate_many(jobs, dec, limits)
-            else:
-                all_hyps = [self._translate(sources, src, tgt, start, horizon) for sources, src, tgt in jobs]
+            all_hyps = self._decode(directions, start, stop, len(self.devset) if horizon is None else horizon)
         parts = [{"hyps": hyps, "stats": self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]),
                                                                     self.settings.metric)}
                  for (_, tgt), hyps in zip(directions, all_hyps)]
@@ -326,9 +312,7 @@ class EvaluatorPool:
         """
         metric = metric or self.metric
         method = "evaluate" if METRICS[metric].decoded else metric
-        jobs = list(jobs)
-        whole = len(jobs) - len(jobs) % self.size
-        tasks = [(c, list(dirs)) for c, dirs in jobs[:whole]] + [(c, [d]) for c, dirs in jobs[whole:] for d in dirs]
+        tasks = self.split(list(jobs))
         parts_left: dict[Candidate, int] = {}
         for c, _ in tasks:
             parts_left[c] = parts_left.get(c, 0) + 1
@@ -368,12 +352,12 @@ class EvaluatorPool:
         return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon))
                             for key, removed, d, s, e in jobs)
 
-    def split(self, keys: list, directions: list) -> list[tuple[Any, list]]:
-        """``(key, directions)`` tasks: one per key with every direction (decoded together: fuller batches),
-        except the keys left over when they do not divide evenly over the actors, which get one task per
-        direction so that every actor stays busy to the end."""
-        whole = len(keys) - len(keys) % self.size
-        return [(k, list(directions)) for k in keys[:whole]] + [(k, [d]) for k in keys[whole:] for d in directions]
+    def split(self, jobs: list[tuple[Any, list[Direction]]]) -> list[tuple[Any, list[Direction]]]:
+        """``(key, directions)`` tasks from ``(key, directions)`` jobs: one task per job with every direction
+        (decoded together: fuller batches), except the jobs left over when they do not divide evenly over the
+        actors, which get one task per direction so that every actor stays busy to the end."""
+        whole = len(jobs) - len(jobs) % self.size
+        return [(k, list(dirs)) for k, dirs in jobs[:whole]] + [(k, [d]) for k, dirs in jobs[whole:] for d in dirs]
 
     def proxies(self, units: list[str], directions: list[Direction]) -> dict:
         """Importance proxies for ``units`` (see :mod:`cullmt_ray.proxies`), units spread over the actors."""

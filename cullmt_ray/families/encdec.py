@@ -91,14 +91,15 @@ class EncoderDecoderFamily(ModelFamily):
     def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
         tok = self.tokenizer
         ids: list[list[int]] = [[] for _ in rows]
-        keys = [self.lang_token(src)[0] for _, src, _ in rows]
+        langs = {code: self.lang_token(code) for code in {c for _, src, tgt in rows for c in (src, tgt)}}
+        keys = [langs[src][0] for _, src, _ in rows]
         for key in dict.fromkeys(keys):  # one tokenizer call per source language
             idx = [i for i, k in enumerate(keys) if k == key]
             tok.src_lang = key
             for i, row in zip(idx, tok([rows[i][0] for i in idx])["input_ids"]):
                 ids[i] = row
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-        tgt_ids = [self.lang_token(tgt)[1] for _, _, tgt in rows]
+        tgt_ids = [langs[tgt][1] for _, _, tgt in rows]
         encoder_outputs = None
         if self._encoder_cached():
             encoder_outputs = self.encoder_cache.get(tuple(zip(keys, (r[0] for r in rows))), lambda: self._encode(enc))
