@@ -161,9 +161,11 @@ def _run_dir(folder: Path, timeout: float = 300) -> Path:
 
 
 def test_two_searches_share_a_postgres_store_and_a_killed_one_resumes(postgres_server, tiny_encdec, tmp_path):
-    """Two TPE searches of one setting on one PostgreSQL store, started together: B is killed (SIGKILL) once it
-    has stored an evaluation and resumed at once, while A goes on. No candidate is computed twice, no claim is
-    left, each run's study is in the database, and no file of either run holds the password."""
+    """Two TPE searches of one setting on one PostgreSQL store: B is killed (SIGKILL) once it has stored an
+    evaluation, then A starts and B is resumed at once, so A and the resumed B run together on the store. (Started
+    together, A could claim every candidate before B stored one: B then only reads and ends before the kill.) No
+    candidate is computed twice, no claim is left, each run's study is in the database, and no file of either
+    run holds the password."""
     import optuna
     import psycopg
 
@@ -171,8 +173,8 @@ def test_two_searches_share_a_postgres_store_and_a_killed_one_resumes(postgres_s
     start = lambda args, env=ENV: subprocess.Popen(CLI + args, cwd=tmp_path, env=env, text=True,  # noqa: E731
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                    start_new_session=True)
-    a, b = start(_args(tiny_encdec, tmp_path, "a", url)), start(_args(tiny_encdec, tmp_path, "b", url))
-    procs = [a, b]
+    b = start(_args(tiny_encdec, tmp_path, "b", url))
+    procs = [b]
     try:
         run_b = _run_dir(tmp_path / "b")
         deadline = time.time() + 300
@@ -183,8 +185,9 @@ def test_two_searches_share_a_postgres_store_and_a_killed_one_resumes(postgres_s
         b.communicate()
         killed_at = _pg_rows(url, "run=%s", (run_b.name,))
         assert json.loads((run_b / "run.json").read_text())["status"] == "running"  # killed: nothing wrote more
+        a = start(_args(tiny_encdec, tmp_path, "a", url))
         resumed = start(["search", "--resume", str(run_b)], {**ENV, "PGPASSWORD": PG_PASSWORD})  # no password saved
-        procs.append(resumed)
+        procs += [a, resumed]
         for p in (a, resumed):
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err[-2000:]
