@@ -4,8 +4,9 @@ and a scale part on random-initialised models of real shapes. Ratios are measure
 Parts (``--parts``, comma-separated; each merges its section into results/bench/speed.json):
 - ``greedy``: greedy searches on reference:dense and reference:llama with the demo settings (100 sentences x 6
   English-centric directions, threshold 2.0, 2 actors), fresh stores, in three variants: ``plain`` (HF generate,
-  ``CULLMT_GREEDY_LOOP=0``, no racing: evaluation as before issue 15), ``fast`` (the defaults) and ``racing``
-  (``search.racing``): wall ratios to plain, sentences decoded, same final set, score and steps.
+  ``CULLMT_GREEDY_LOOP=0``, no racing: evaluation as before issue 15), ``loop`` (the greedy loop, no racing) and
+  ``fast`` (the defaults: the loop and racing, front completed): wall ratios to plain, sentences decoded, same
+  final set, score, steps and Pareto front.
 - ``candidate``: one candidate (enc.1 + dec.4 removed, 48 sentences, 1 thread): cullmt-ray's route (the greedy
   loop, :mod:`cullmt_ray.families.greedy`) vs a naive ``deepcopy`` + delete + unsorted HF ``generate``, plus a
   decoder-only candidate with the encoder cache; and the route with the loop vs with HF ``generate``.
@@ -57,7 +58,10 @@ def _search(model: str, tmp: Path, name: str, extra: list[str], sentences: int, 
     accepted = [s for s in trace["steps"] if s["accepted"]]
     last = accepted[-1] if accepted else trace["steps"][-1]
     races = info.get("racing", [])
-    return {"final": trace["final"], "score": last["best_score"], "stop_reason": trace["stop_reason"],
+    front = [line.split(",")[2] + f" {float(line.split(',')[6]):.4f}"
+             for line in (run_dir / "pareto.csv").read_text().splitlines()[1:]]  # removed_units, score
+    return {"final": trace["final"], "pareto_front": front,
+            "front_completed": info.get("racing_front_completed", []), "score": last["best_score"], "stop_reason": trace["stop_reason"],
             "steps": [(s["best_unit"], s["best_score"], s["accepted"]) for s in trace["steps"]],
             "evaluations": info["budget"]["evaluations"], "sentences_decoded": info["budget"]["sentences"],
             "wall_seconds": round(wall, 1), "search_seconds": info["wall_seconds"],
@@ -68,8 +72,8 @@ def _search(model: str, tmp: Path, name: str, extra: list[str], sentences: int, 
 
 # the greedy part's variants: (environment, --set overrides)
 VARIANTS = {"plain": ({"CULLMT_GREEDY_LOOP": "0"}, ["search.racing=false"]),  # HF generate, no racing: before issue 15
-            "fast": ({}, []),  # the defaults: greedy loop, directions share batches
-            "racing": ({}, ["search.racing=true"])}
+            "loop": ({}, ["search.racing=false"]),  # greedy loop, directions share batches, no racing
+            "fast": ({}, [])}  # the defaults: the loop, and racing (auto) with the front completed
 
 
 def part_greedy(args) -> dict:
@@ -80,11 +84,11 @@ def part_greedy(args) -> dict:
             tag = model.split(":")[-1]
             runs = {}
             for name, (env, sets) in VARIANTS.items():
-                sets = [*sets, f"search.racing_chunk={args.chunk}"] if name == "racing" else sets
+                sets = [*sets, f"search.racing_chunk={args.chunk}"] if name == "fast" else sets
                 runs[name] = _search(model, tmp, f"{name}-{tag}", sets, args.sentences, env)
             plain = runs["plain"]
             res = dict(runs)
-            for name in ("fast", "racing"):
+            for name in ("loop", "fast"):
                 r = runs[name]
                 res[f"{name}_over_plain"] = {
                     "wall_ratio": round(r["wall_seconds"] / plain["wall_seconds"], 3),
@@ -93,6 +97,7 @@ def part_greedy(args) -> dict:
                     "same_final": r["final"] == plain["final"],
                     "same_score": abs(r["score"] - plain["score"]) < 1e-9,
                     "same_steps": r["steps"] == plain["steps"],
+                    "same_pareto_front": r["pareto_front"] == plain["pareto_front"],
                     "same_decision_every_step": [a[0] for a in r["steps"]] == [b[0] for b in plain["steps"]]}
             out[tag] = res
             print(tag, {k: v for k, v in res.items() if k not in VARIANTS}, flush=True)
@@ -388,8 +393,8 @@ def project(nllb: dict, greedy: dict | None) -> dict:
     plain = sum(cost) * anchor
     frac = None
     if greedy:
-        ratios = [v["racing_over_plain"]["decoded_ratio"] for v in greedy.values()
-                  if isinstance(v, dict) and "racing_over_plain" in v]
+        ratios = [v["fast_over_plain"]["decoded_ratio"] for v in greedy.values()
+                  if isinstance(v, dict) and "fast_over_plain" in v]
         frac = sum(ratios) / len(ratios) if ratios else None
     out = {"evaluations_plain": sum(48 - k for k in range(removed)), "gpu_hours_plain": round(plain, 1),
            "fixed_over_per_layer": round(fixed / per_layer, 2) if per_layer > 0 else None,

@@ -156,10 +156,21 @@ class SearchConfig:
     driver: str = "local"  # local (the driver loop) | tune (each candidate a Ray Tune trial)
     # Racing (greedy and beam, local driver): each step's candidates are decoded chunk by chunk
     # (racing_chunk sentences per direction); one leaves as soon as a paired bootstrap says with
-    # racing_confidence that it is below the step's leader (beam: width-th best) or the threshold.
-    racing: bool = False
+    # racing_confidence that it is below the step's leader (beam: width-th best) or the threshold,
+    # and below a candidate of at most its size (the Pareto front stays whole). auto: on for the
+    # search verb's greedy/beam wherever the greedy loop decodes (rows exact: fp32 on CPU), else off.
+    racing: bool | str = "auto"
     racing_chunk: int = 20
     racing_confidence: float = 0.99
+
+    def races(self, verb: str, exact_rows: bool) -> bool:
+        """Whether ``verb``'s greedy/beam steps race (``racing``; ``auto``: the search verb's greedy or beam,
+        local driver, no fidelity stages, on replicas whose rows are exact, where a race chunk costs no
+        decoding of its own)."""
+        if self.racing != "auto":
+            return bool(self.racing)
+        return verb == "search" and exact_rows and self.strategy in ("greedy", "beam") and self.driver == "local" \
+            and not self.fidelity.staged
 
     def check(self) -> None:
         from .strategies import STRATEGIES
@@ -170,7 +181,9 @@ class SearchConfig:
         _positive("search.racing_chunk", self.racing_chunk)
         if not 0.5 <= self.racing_confidence < 1:
             raise ConfigError(f"search.racing_confidence={self.racing_confidence}: expected a probability in [0.5, 1)")
-        if self.racing and (self.strategy not in ("greedy", "beam") or self.driver != "local" or self.fidelity.staged):
+        if self.racing not in (True, False, "auto"):
+            raise ConfigError(f"search.racing={self.racing!r}: expected true, false or auto")
+        if self.racing is True and (self.strategy not in ("greedy", "beam") or self.driver != "local" or self.fidelity.staged):
             raise ConfigError(f"search.racing=true: races the steps of strategy greedy or beam with search.driver=local "
                               f"and no search.fidelity stages (got strategy {self.strategy!r}, driver {self.driver!r})")
         if self.fidelity.staged and self.driver == "tune":

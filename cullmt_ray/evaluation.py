@@ -68,6 +68,7 @@ class EvaluationService:
     poll_seconds: float = 0.5  # how often to look for a candidate another run is computing
     owner: str = ""  # this driver's name in the store's claims (host:pid:run)
     _keeper: object = None  # the claim-renewing thread's stop event
+    racing: bool = False  # greedy/beam steps race (SearchConfig.races)
     race_log: list[dict] = field(default_factory=list)  # one entry per raced step (search.racing)
     _scorer: object = None  # the driver's Scorer for race survivors (built on first use)
 
@@ -95,7 +96,7 @@ class EvaluationService:
         desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": dtype,
                 "eval": describe(self.devset, directions), "metric": self.cfg.metric.primary,
                 "signatures": info["signatures"], "decoding": self.cfg.decoding.__dict__.copy()}
-        if self.cfg.search.racing and not info.get("exact_rows"):
+        if self.racing and not info.get("exact_rows"):
             # racing decodes in blocks (EvalSettings.block): a context of its own, unless rows are exact (the
             # actors' greedy loop decodes every sentence of a block as the plain decoding does)
             desc["decoding"]["block"] = self.cfg.search.racing_chunk
@@ -183,7 +184,7 @@ class EvaluationService:
         dropped at a stage keeps that stage's evaluation. A proxy's ranked score (negated KL) is below
         any BLEU, so a dropped candidate ranks under the decoded ones. No stage on: :meth:`evaluate`.
         With ``search.racing`` a greedy or beam batch is raced instead (:meth:`evaluate_raced`, ``floor`` and ``keep``)."""
-        if self.cfg.search.racing and strategy in RACED:  # stepwise strategies only (compare runs others too)
+        if self.racing and strategy in RACED:  # stepwise strategies only (compare runs others too)
             return self.evaluate_raced(candidates, strategy, es, floor=floor, keep=keep)
         fid = self.cfg.search.fidelity
         stages = []
@@ -264,11 +265,25 @@ class EvaluationService:
                                  es.metric.name, keep=keep, floor=floor, confidence=sc.racing_confidence,
                                  seed=rnd, sacre=sacre)
                 for c, why in res.out.items():
-                    left[c] = (res.scores[c], seen, why)
+                    left[c] = (res.scores[c], seen, why, res.upper[c], *res.margin[c])
                 alive = [c for c in alive if c not in res.out]
         out: dict[Candidate, Evaluation] = {}
         m = es.metric
-        for c, (score, _seen, _why) in left.items():
+        for c in alive:  # full evaluations: every sentence decoded in the race, scored as the actors do
+            if full_hit[c]:
+                self.budget.cached += 1
+                out[c] = full_hit[c]
+                continue
+            out[c] = self.record(c, self._full_result(c, hyps[c], cost[c], es, names), es, strategy)
+
+        def bound(c: Candidate) -> float:
+            """An upper bound of ``c``'s full score: the full score of the one it lost to (or that one's bound)
+            plus their paired margin, or its own bootstrap bound if lower."""
+            _score, _seen, _why, upper, ref, margin = left[c]
+            base = out[ref].score if ref in out and not out[ref].partial else bound(ref) if ref in left else math.inf
+            return min(upper, base + margin)
+
+        for c, (score, _seen, _why, *_bound) in left.items():
             if full_hit[c]:
                 out[c] = full_hit[c]  # a full score from an earlier run beats a partial one
                 continue
@@ -276,23 +291,39 @@ class EvaluationService:
             per_dir = {"-".join(d): m.rounded(float(corpus_score(m.name, np.asarray(stats[c][d]).sum(axis=0), sacre)))
                        for d in names}
             res = {"score": m.ranked(m.rounded(score)), "params": k["params"], "bytes": k["bytes"],
-                   "metrics": {m.name: {**dict(sorted(per_dir.items())), "mean": m.rounded(score)}},
+                   "metrics": {m.name: {**dict(sorted(per_dir.items())), "mean": m.rounded(score),
+                                        "upper": m.rounded(bound(c))}},
                    "sentences": k["sentences"], "seconds": k["seconds"], "actor": ",".join(sorted(k["actors"]))}
             ev = race_hit[c] or self.record(c, res, race, f"{strategy}:race")
             out[c] = dataclasses.replace(ev, partial=True)
-        for c in alive:  # full evaluations: every sentence decoded in the race, scored as the actors do
-            if full_hit[c]:
-                self.budget.cached += 1
-                out[c] = full_hit[c]
-                continue
-            out[c] = self.record(c, self._full_result(c, hyps[c], cost[c], es, names), es, strategy)
         self.budget.requested += len(candidates) * n * len(names)
         self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
                               "decoded_sentences": sum(k["sentences"] for k in cost.values()),
                               "plain_sentences": len(todo) * n * len(names), "seconds": round(time.perf_counter() - t0, 2),
-                              "out": {"+".join(c.units): {"seen": s, "why": why, "score": round(sc_, 4)}
-                                      for c, (sc_, s, why) in left.items()}})
+                              "out": {"+".join(c.units): {"seen": s, "why": why, "score": round(sc_, 4),
+                                                          "upper": out[c].metrics[m.name].get("upper")}
+                                      for c, (sc_, s, why, *_b) in left.items()}})
         return [out[c] for c in candidates]
+
+    def complete_front(self, es: EvalSet, strategy: str) -> list[Evaluation]:
+        """Score in full the raced-out candidates of ``es`` that could be on its Pareto front (no full evaluation
+        of at most their size reaches their upper bound, see :meth:`evaluate_raced`; none stored: no bound), the
+        highest bounds first, one per actor at a time, until none is left: the front of a raced search is then
+        plain greedy's. Returns the evaluations it computed."""
+        race = self._race_context(es)
+        m = es.metric.name
+        done: list[Evaluation] = []
+        while True:
+            full = list(self.store.evaluations(es.context))
+            have = {e.candidate for e in full}
+            bounds = [(p.metrics[m].get("upper", math.inf), p) for p in self.store.evaluations(race.context)
+                      if p.candidate not in have]
+            open_ = [(u, p) for u, p in bounds if not any(e.params <= p.params and e.score >= u for e in full)]
+            if not open_:
+                return done
+            todo = [p.candidate for _, p in sorted(open_, key=lambda up: -up[0])[: self.pool.size]]
+            log.info("racing: scoring %s in full (could be on the Pareto front)", "; ".join("+".join(c.units) for c in todo))
+            done += self.evaluate(todo, f"{strategy}:front", es)
 
     def _full_result(self, c: Candidate, hyps: dict, cost: dict, es: EvalSet, names: list) -> dict:
         """A race survivor's full evaluation from its hypotheses, in the shape of a merged pool result."""

@@ -5,6 +5,10 @@ candidate leaves the race as soon as a paired bootstrap over the sentences seen 
 ``confidence``, that it scores below the step's ``keep``-th best (1 for greedy, ``width`` for beam)
 or below the acceptance ``floor`` (baseline minus threshold). The rest go on to the next chunk,
 until ``keep`` are left or the dev set is exhausted; only those are scored on the whole dev set.
+A candidate that leaves keeps an upper bound of its score: the full score of the candidate it lost to
+plus the ``confidence`` quantile of their paired bootstrap difference (or of its own bootstrap scores,
+if lower); at the end of a search, those whose bound could still put them on the Pareto front are
+scored in full (:meth:`EvaluationService.complete_front`), so the front is plain greedy's.
 
 The bootstrap is Koehn's paired bootstrap (2004), the method of sacrebleu's ``--paired-bs``:
 resample the seen sentences with replacement (the same draw for every candidate: paired), rescore
@@ -53,6 +57,10 @@ def corpus_score(metric_name: str, summed: np.ndarray, sacre=None) -> np.ndarray
 class RoundResult:
     scores: dict  # candidate -> mean over directions of the corpus score on the seen sentences
     out: dict  # candidate -> why it left the race ("worse than the leader" / "below the threshold")
+    upper: dict  # candidate -> the ``confidence`` quantile of its bootstrap scores (a bound for the front)
+    # candidate that left -> (the candidate it was compared with, the ``confidence`` quantile of its paired
+    # bootstrap difference to it): with that one's full score, a much tighter bound
+    margin: dict
 
 
 def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, floor: float | None = None,
@@ -60,7 +68,8 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
                sacre=None) -> RoundResult:
     """One decision of the race. ``stats[candidate][direction]`` is an ``(m, k)`` array of the seen
     sentences' statistics (the same ``m`` sentences for every candidate of a direction); candidates are
-    in ask order, which breaks ties. Returns the point scores and who leaves the race now."""
+    in ask order, which breaks ties. Returns the point scores, who leaves the race now and an upper bound
+    of each candidate's score."""
     cands = list(stats)
     rng = np.random.default_rng(seed)
     point = np.zeros(len(cands))
@@ -79,11 +88,14 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     leaders = set(order[:keep])
     ref = order[min(keep, len(cands)) - 1]
     alpha = 1.0 - confidence
-    out = {}
+    out, margin = {}, {}
     for i in order[keep:]:
         if np.mean(boot[:, i] >= boot[:, ref]) < alpha:
             out[cands[i]] = "worse than the leader"
         elif floor is not None and np.mean(boot[:, i] >= floor) < alpha:
             out[cands[i]] = "below the threshold"
+        if cands[i] in out:
+            margin[cands[i]] = (cands[ref], float(np.quantile(boot[:, i] - boot[:, ref], confidence)))
     assert not leaders & {cands.index(c) for c in out}
-    return RoundResult({c: float(point[i]) for i, c in enumerate(cands)}, out)
+    return RoundResult({c: float(point[i]) for i, c in enumerate(cands)}, out,
+                       {c: float(np.quantile(boot[:, i], confidence)) for i, c in enumerate(cands)}, margin)

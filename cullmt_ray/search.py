@@ -34,6 +34,7 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
         session.keep_study(strategy)
         if cfg.search.seed_from_store:
             strategy.seed_with([e for e in session.store.evaluations(session.calibration.context) if e.candidate])
+        front_completed: list = []
         if cfg.search.driver == "tune":
             from .tune_driver import run_with_tune
 
@@ -43,6 +44,8 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
             while batch := strategy.ask():
                 strategy.tell(session.service.evaluate_staged(batch, strategy.name, session.calibration, **race))
                 write_json(session.run_dir / "trace.json", strategy.trace())
+            if session.service.racing:  # raced-out candidates that may be front points, scored in full
+                front_completed = session.service.complete_front(session.calibration, strategy.name)
         trace = strategy.trace()
         write_json(session.run_dir / "trace.json", trace)
         heldout = score_heldout(session, trace)
@@ -56,7 +59,9 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
                        final={"removed": trace.get("final", []), "stop_reason": trace.get("stop_reason", "")},
                        files={**{k: str(v.relative_to(session.run_dir)) for k, v in files.items()},
                               "report": "report.html", "sensitivity": "sensitivity.csv"},
-                       **({"racing": session.service.race_log} if cfg.search.racing else {}))
+                       **({"racing": session.service.race_log,
+                            "racing_front_completed": [e.candidate.units for e in front_completed]}
+                          if session.service.racing else {}))
         write_report(session.run_dir, session.store, title)
         b = session.service.budget
         log.info("finished: removed %s (%s); %d evaluations computed, %d read from the store",

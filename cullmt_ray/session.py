@@ -373,10 +373,11 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
             write_json(run_dir / "run.json", status)
         ensure_ray(cfg.resources.address, cfg.resources.num_cpus)
         settings = EvalSettings(cfg.metric.primary, tuple(cfg.metric.scored), cfg.metric.spm_for(cfg.model.name),
-                                cfg.decoding, block=cfg.search.racing_chunk if cfg.search.racing else None)
+                                cfg.decoding, block=cfg.search.racing_chunk if cfg.search.racing is True else None)
         with ray_quiet():
             pool = EvaluatorPool(cfg.model, ds, settings, cfg.resources, run=run_id)
-        service = EvaluationService(cfg, pool, store, ds, run_id)
+        service = EvaluationService(cfg, pool, store, ds, run_id,
+                                    racing=cfg.search.races(verb, bool(pool.info[0].get("exact_rows"))))
         calib = service.evalset(calib_dirs)
         held = service.evalset(held_dirs) if held_dirs else None
         session = Session(cfg, run_id, run_dir if folder else None, service, calib, held, status)

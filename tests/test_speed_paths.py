@@ -8,6 +8,7 @@ import json
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cullmt_ray.racing import bleu_from_stats, race_round
@@ -44,6 +45,12 @@ def test_race_round_drops_only_the_clearly_worse():
     assert race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu", keep=2).out == {}
     res = race_round({"a": {d: good}, "close": {d: close}}, [d], "spbleu", floor=100.5)
     assert res.out == {"close": "below the threshold"}
+    # each candidate's upper bound (the front check's): at least its point score, at most a perfect score
+    assert res.scores["close"] <= res.upper["close"] <= 100.0 and res.upper["a"] == pytest.approx(100.0)
+    res = race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu")
+    assert res.scores["bad"] <= res.upper["bad"] < res.scores["a"]  # every sentence alike: no spread
+
+
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +141,22 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
     path = request.getfixturevalue(model)
     dev = write_self_reference_devset(path, tmp_path / "dev", demo_sources)
     runs = {}
-    for name, extra in (("plain", {}), ("race", {"search__racing": "true", "search__racing_chunk": 4})):
+    fronts = {}
+    # racing is on by default here (auto: greedy, rows exact on CPU)
+    for name, extra in (("plain", {"search__racing": "false"}), ("race", {"search__racing_chunk": 4})):
         cfg = search_config(tmp_path / name, path, dev, search__threshold=5.0, **extra)
         run = run_search(cfg)
         runs[name] = (json.loads((run / "trace.json").read_text()), json.loads((run / "run.json").read_text()))
+        fronts[name] = pd.read_csv(run / "pareto.csv")
     (plain, plain_info), (race, race_info) = runs["plain"], runs["race"]
+    assert "racing" not in plain_info
     assert race["final"] == plain["final"]
     assert [(s["best_unit"], s["best_score"], s["accepted"]) for s in race["steps"]] == \
         [(s["best_unit"], s["best_score"], s["accepted"]) for s in plain["steps"]]
-    assert race_info["racing"] and race_info["budget"]["sentences"] <= plain_info["budget"]["sentences"]
+    assert race_info["racing"] and race_info["budget"]["sentences"] < plain_info["budget"]["sentences"]
+    # every point of plain greedy's Pareto front ran to the end of its race: the same front
+    cols = ["candidate", "params", "score"]
+    assert fronts["race"][cols].equals(fronts["plain"][cols]), (fronts["race"][cols], fronts["plain"][cols])
     # raced-out candidates live in their own context; the calibration context holds full scores only
     with ResultStore(tmp_path / "race" / "store.sqlite") as store:
         full = {e.candidate for e in store.evaluations(race_info["context"])}

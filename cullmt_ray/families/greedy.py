@@ -21,7 +21,7 @@ import copy
 
 import torch
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 # generation-config fields that add a logits processor or stopping criterion greedy decoding would apply and
 # these loops do not implement, with their neutral values (transformers 5 leaves unset fields None): any
@@ -126,6 +126,46 @@ class _Rows:
         return tuple(t[keep] if t is not None else None for t in rows_of)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A self-attention KV cache layer that writes each step's keys and values into spare room at the end of a
+    buffer (doubled when full) instead of concatenating: ``DynamicLayer`` copies the whole cache every step
+    (``torch.cat``), which costs as much as the attention itself on long prompts. ``keys``/``values`` are views
+    of the filled part: the same numbers, so the same tokens."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._len = 0
+        new = key_states.shape[-2]
+        if self._k is None or self._len + new > self._k.shape[-2]:
+            room = max(2 * (self._len + new), 16)
+            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
+            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
+            if self._len:
+                k[..., : self._len, :] = self._k[..., : self._len, :]
+                v[..., : self._len, :] = self._v[..., : self._len, :]
+            self._k, self._v = k, v
+        self._k[..., self._len : self._len + new, :] = key_states
+        self._v[..., self._len : self._len + new, :] = value_states
+        self._len += new
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+
+
+def _self_attention_cache(config) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose plain (full-attention) layers grow in place (:class:`_GrowingLayer`);
+    other layer kinds (sliding windows, ...) stay as transformers makes them."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 # Encoder-decoder classes whose forward is ``lm_head(decoder(...)[0])``: the loop calls the decoder and the head
 # itself (skipping the wrappers, and the head where the token is forced); any other class runs its full forward.
 _DIRECT = ("M2M100ForConditionalGeneration", "NllbMoeForConditionalGeneration")
@@ -148,7 +188,7 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
     conf = model.config.get_text_config(decoder=True)
-    cache = EncoderDecoderCache(DynamicCache(config=conf), DynamicCache(config=conf))
+    cache = EncoderDecoderCache(_self_attention_cache(conf), DynamicCache(config=conf))
     rows = _Rows(limits, device)
     cur = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=device)
     direct = type(model).__name__ in _DIRECT
@@ -199,7 +239,7 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids = position_ids.masked_fill(attention_mask == 0, 0)
     mask = None if bool((attention_mask == 1).all()) else attention_mask  # generate drops an all-ones mask
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = _self_attention_cache(model.config.get_text_config(decoder=True))
     rows = _Rows(limits, device)
     cur, pos = input_ids, position_ids
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
