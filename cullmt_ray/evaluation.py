@@ -71,6 +71,8 @@ class EvaluationService:
     racing: bool = False  # greedy/beam steps race (SearchConfig.races)
     race_log: list[dict] = field(default_factory=list)  # one entry per raced step (search.racing)
     _scorer: object = None  # the driver's Scorer for race survivors (built on first use)
+    # (context, candidate) -> (sentences seen, hypotheses per direction, cost) of this run's raced-out candidates
+    _raced: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import socket
@@ -217,7 +219,9 @@ class EvaluationService:
         (stored in ``es``'s context, as without racing). A dropped candidate is stored in the race's
         own context with its score on the sentences it saw and comes back ``partial`` (it ranks below
         every full score). Candidates already in the store are not recomputed where a resumed step
-        has them all."""
+        has them all. The race claims its candidates as :meth:`evaluate` does: one another run is computing
+        is not raced but waited for (and computed in full if that run lets it go), and a raced-out candidate's
+        claim is given back."""
         import dataclasses
         import time
 
@@ -234,6 +238,26 @@ class EvaluationService:
             full = [c for c in todo if full_hit[c] or not race_hit[c]]
             done = dict(zip(full, self.evaluate(full, strategy, es)))
             return [done.get(c) or dataclasses.replace(race_hit[c], partial=True) for c in candidates]
+        others = []  # claimed by another run: waited for after the race
+        for c in todo:
+            if not full_hit[c] and not race_hit[c]:
+                state = self.store.claim(es.context, c, self.owner)
+                if state == "stored":
+                    full_hit[c] = self.store.get(es.context, c)
+                elif state == "taken":
+                    others.append(c)
+        if self._keeper is None:
+            self._keeper = self.store.keep_claims(self.owner)
+        known = [c for c in todo if race_hit[c] and not full_hit[c]]  # raced out by an earlier race: not raced again
+        if others or known:
+            if others:
+                log.info("%s: %d candidate(s) of this step are being raced by another run; racing the other %d",
+                         strategy, len(others), len(todo) - len(others) - len(known))
+            racers = [c for c in todo if c not in others and c not in known]
+            raced = self.evaluate_raced(racers, strategy, es, floor=floor, keep=keep) if racers else []
+            done = dict(zip(racers, raced)) | self._await_raced(others, strategy, es)
+            done |= {c: dataclasses.replace(race_hit[c], partial=True) for c in known}
+            return [done[c] for c in candidates]
         n = es.limit or len(self.devset)
         names = [tuple(d) for d in es.directions]
         sacre = None
@@ -283,7 +307,7 @@ class EvaluationService:
             base = out[ref].score if ref in out and not out[ref].partial else bound(ref) if ref in left else math.inf
             return min(upper, base + margin)
 
-        for c, (score, _seen, _why, *_bound) in left.items():
+        for c, (score, seen_c, _why, *_bound) in left.items():
             if full_hit[c]:
                 out[c] = full_hit[c]  # a full score from an earlier run beats a partial one
                 continue
@@ -296,6 +320,9 @@ class EvaluationService:
                    "sentences": k["sentences"], "seconds": k["seconds"], "actor": ",".join(sorted(k["actors"]))}
             ev = race_hit[c] or self.record(c, res, race, f"{strategy}:race")
             out[c] = dataclasses.replace(ev, partial=True)
+            self.store.release(es.context, c, self.owner)
+            if not race_hit[c]:  # what it decoded, should the front need its full score (complete_front)
+                self._raced[es.context, c] = (seen_c, hyps[c], cost[c])
         self.budget.requested += len(candidates) * n * len(names)
         self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
                               "decoded_sentences": sum(k["sentences"] for k in cost.values()),
@@ -305,11 +332,41 @@ class EvaluationService:
                                       for c, (sc_, s, why, *_b) in left.items()}})
         return [out[c] for c in candidates]
 
+    def _await_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> dict[Candidate, Evaluation]:
+        """Wait for candidates another run is racing: its full evaluation, or its raced-out (partial) one; a
+        candidate whose claim lapses with neither (that run died) is evaluated here in full."""
+        import dataclasses
+
+        race = self._race_context(es)
+        out: dict[Candidate, Evaluation] = {}
+        waiting = list(candidates)
+        while waiting:
+            still, mine = [], []
+            for c in waiting:
+                state = self.store.claim(es.context, c, self.owner)
+                if (partial := self.store.get(race.context, c)) is not None and state != "stored":
+                    if state == "mine":
+                        self.store.release(es.context, c, self.owner)
+                    out[c] = dataclasses.replace(partial, partial=True)
+                elif state == "stored":
+                    out[c] = self.store.get(es.context, c)
+                    self.budget.cached += 1
+                elif state == "mine":
+                    mine.append(c)
+                else:
+                    still.append(c)
+            out.update(zip(mine, self.evaluate(mine, strategy, es)))
+            if still:
+                time.sleep(self.poll_seconds)
+            waiting = still
+        return out
+
     def complete_front(self, es: EvalSet, strategy: str) -> list[Evaluation]:
         """Score in full the raced-out candidates of ``es`` that could be on its Pareto front (no full evaluation
         of at most their size reaches their upper bound, see :meth:`evaluate_raced`; none stored: no bound), the
         highest bounds first, one per actor at a time, until none is left: the front of a raced search is then
-        plain greedy's. Returns the evaluations it computed."""
+        plain greedy's. A candidate that left a race of this run decodes only the sentences it did not see.
+        Returns the evaluations it computed."""
         race = self._race_context(es)
         m = es.metric.name
         done: list[Evaluation] = []
@@ -323,7 +380,31 @@ class EvaluationService:
                 return done
             todo = [p.candidate for _, p in sorted(open_, key=lambda up: -up[0])[: self.pool.size]]
             log.info("racing: scoring %s in full (could be on the Pareto front)", "; ".join("+".join(c.units) for c in todo))
-            done += self.evaluate(todo, f"{strategy}:front", es)
+            seen = [c for c in todo if (es.context, c) in self._raced]
+            done += self._finish_raced(seen, f"{strategy}:front", es)
+            done += self.evaluate([c for c in todo if c not in seen], f"{strategy}:front", es)
+
+    def _finish_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> list[Evaluation]:
+        """Full evaluations of candidates that left a race of this run: the sentences they did not see are decoded
+        (as the race decoded its chunks) and added to those they saw."""
+        n = es.limit or len(self.devset)
+        names = [tuple(d) for d in es.directions]
+        kept = {c: self._raced.pop((es.context, c)) for c in candidates}
+        jobs = [(c, c.units, dirs, kept[c][0], n) for c, dirs in self.pool.split([(c, names) for c in candidates])]
+        seen_cost = {c: kept[c][2]["sentences"] for c in candidates}
+        for c, part in self.pool.sentence_stats(jobs, n):
+            _, hyps, k = kept[c]
+            for d, p in zip(part["directions"], part["parts"]):
+                hyps[d].extend(p["hyps"])
+            k["sentences"] += part["sentences"]
+            k["seconds"] += part["seconds"]
+            k["actors"].add(part["actor"])
+        out = []
+        for c in candidates:
+            _, hyps, k = kept[c]
+            out.append(self.record(c, self._full_result(c, hyps, k, es, names), es, strategy))
+            self.budget.sentences -= seen_cost[c]  # counted when its partial evaluation was stored
+        return out
 
     def _full_result(self, c: Candidate, hyps: dict, cost: dict, es: EvalSet, names: list) -> dict:
         """A race survivor's full evaluation from its hypotheses, in the shape of a merged pool result."""

@@ -135,6 +135,7 @@ def test_a_race_chunk_decodes_as_the_full_evaluation(tiny_llama, demo_sources, t
 
 @pytest.mark.parametrize("model", ["tiny_encdec", "tiny_llama"])
 def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_sources, tmp_path, request):
+    from cullmt_ray.candidate import Candidate
     from cullmt_ray.search import run_search
     from cullmt_ray.store import ResultStore
 
@@ -157,12 +158,19 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
     # every point of plain greedy's Pareto front ran to the end of its race: the same front
     cols = ["candidate", "params", "score"]
     assert fronts["race"][cols].equals(fronts["plain"][cols]), (fronts["race"][cols], fronts["plain"][cols])
-    # raced-out candidates live in their own context; the calibration context holds full scores only
+    # raced-out candidates live in their own context; the calibration context holds full scores only: of
+    # raced-out candidates, those scored in full at the end because they could be on the front
+    completed = {Candidate.of(u) for u in race_info["racing_front_completed"]}
     with ResultStore(tmp_path / "race" / "store.sqlite") as store:
         full = {e.candidate for e in store.evaluations(race_info["context"])}
         raced = [c for c in store.contexts() if "raced" in store.context_description(c)]
-        assert raced and not full & {e.candidate for e in store.evaluations(raced[0])}
+        assert raced and full & {e.candidate for e in store.evaluations(raced[0])} == completed
         assert all(e.sentences == len(demo_sources) for e in store.evaluations(race_info["context"]))
+        # every raced-out candidate left partial is dominated by a full evaluation even at its upper bound
+        fulls = list(store.evaluations(race_info["context"]))
+        for p in store.evaluations(raced[0]):
+            if p.candidate not in completed:
+                assert any(e.params <= p.params and e.score >= p.metrics["spbleu"]["upper"] for e in fulls), p
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +270,39 @@ def test_directions_share_batches_with_the_same_outputs(reference_families, mode
         for slack in (1, 8, 10**9):  # drop finished rows never until the batch ends / now and then / at once
             monkeypatch.setattr(greedy._Rows, "slack", slack)
             assert fam.translate_many(jobs, dec) == alone
+
+
+def test_two_racing_searches_on_one_store_compute_each_candidate_once(tiny_encdec, demo_sources, tmp_path):
+    """Two greedy searches (racing by default) of one setting started together on one SQLite store: they
+    claim candidates as plain evaluations do, a candidate the other run raced out is taken as it is, and every
+    row of the store (full and raced-out evaluations) is computed by one run only; both end on one answer."""
+    import os
+    import subprocess
+    import sys
+
+    from cullmt_ray.store import ResultStore
+
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", demo_sources)
+    store = tmp_path / "store.sqlite"
+    sets = [f"model.name={tiny_encdec}", f"data.dev={dev}", "data.languages=[eng_Latn, deu_Latn]",
+            "data.directions=eng_Latn-deu_Latn", "data.max_sentences=null", "metric.spm=reference",
+            "search.threshold=5.0", "search.racing_chunk=4", f"output.store={store}", "resources.actors=1",
+            "resources.num_cpus=1"]
+
+    def start(name: str) -> subprocess.Popen:
+        args = [a for s in [*sets, f"output.dir={tmp_path / name}", f"name={name}"] for a in ("--set", s)]
+        return subprocess.Popen([sys.executable, "-m", "cullmt_ray.cli", "-q", "search", *args], cwd=tmp_path,
+                                env={**os.environ, "CULLMT_NO_PROGRESS": "1"}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    procs = [start("a"), start("b")]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-2000:]
+    infos = [json.loads(next((tmp_path / n).glob("*/run.json")).read_text()) for n in "ab"]
+    finals = [json.loads(next((tmp_path / n).glob("*/trace.json")).read_text())["final"] for n in "ab"]
+    assert finals[0] == finals[1] and all("racing" in i for i in infos)
+    with ResultStore(store) as st:
+        rows = sum(1 for _ in st.evaluations())
+        assert st.claims() == []
+    assert sum(i["budget"]["evaluations"] for i in infos) == rows, ([i["budget"] for i in infos], rows)
