@@ -24,6 +24,7 @@ log = logging.getLogger("cullmt_ray")
 
 
 RACED = ("greedy", "beam")  # strategies whose steps search.racing races (they rank partial evaluations last)
+RACED_KEPT = 64  # raced-out candidates whose hypotheses a run keeps, for completing the Pareto front
 
 
 class RunError(RuntimeError):
@@ -219,9 +220,9 @@ class EvaluationService:
         (stored in ``es``'s context, as without racing). A dropped candidate is stored in the race's
         own context with its score on the sentences it saw and comes back ``partial`` (it ranks below
         every full score). Candidates already in the store are not recomputed where a resumed step
-        has them all. The race claims its candidates as :meth:`evaluate` does: one another run is computing
-        is not raced but waited for (and computed in full if that run lets it go), and a raced-out candidate's
-        claim is given back."""
+        has them all, and one an earlier race dropped is not raced again. The race claims its candidates as
+        :meth:`evaluate` does: one another run is racing is not raced here but waited for (its full or raced-out
+        evaluation, see :meth:`_await_raced`), and a raced-out candidate's claim is given back."""
         import dataclasses
         import time
 
@@ -323,6 +324,8 @@ class EvaluationService:
             self.store.release(es.context, c, self.owner)
             if not race_hit[c]:  # what it decoded, should the front need its full score (complete_front)
                 self._raced[es.context, c] = (seen_c, hyps[c], cost[c])
+                while len(self._raced) > RACED_KEPT:  # bounded: the oldest go (they are decoded anew if needed)
+                    self._raced.pop(next(iter(self._raced)))
         self.budget.requested += len(candidates) * n * len(names)
         self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
                               "decoded_sentences": sum(k["sentences"] for k in cost.values()),
