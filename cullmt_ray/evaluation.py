@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import monitoring
 from .candidate import Candidate, Evaluation
@@ -25,6 +27,31 @@ log = logging.getLogger("cullmt_ray")
 
 RACED = ("greedy", "beam")  # strategies whose steps search.racing races (they rank partial evaluations last)
 RACED_KEPT = 64  # raced-out candidates whose hypotheses a run keeps, for completing the Pareto front
+
+
+class _Left(NamedTuple):
+    """A candidate that left a race: its score on the sentences it saw, why it left, and what bounds its full score
+    (its own bootstrap quantile; the candidate it lost to and their paired margin)."""
+
+    score: float
+    seen: int
+    why: str
+    upper: float
+    lost_to: Candidate
+    margin: float
+
+
+def _add_part(part: dict, hyps: dict, cost: dict, stats: dict | None = None) -> None:
+    """Add an actor's race chunk (:meth:`EvaluatorActor.sentence_stats`) to a candidate's hypotheses, sentence
+    statistics (per direction) and cost."""
+    for d, p in zip(part["directions"], part["parts"]):
+        hyps[d].extend(p["hyps"])
+        if stats is not None:
+            stats[d].extend(p["stats"])
+    cost["sentences"] += part["sentences"]
+    cost["seconds"] += part["seconds"]
+    cost["actors"].add(part["actor"])
+    cost["params"], cost["bytes"] = part["params"], part["bytes"]
 
 
 class RunError(RuntimeError):
@@ -223,9 +250,6 @@ class EvaluationService:
         has them all, and one an earlier race dropped is not raced again. The race claims its candidates as
         :meth:`evaluate` does: one another run is racing is not raced here but waited for (its full or raced-out
         evaluation, see :meth:`_await_raced`), and a raced-out candidate's claim is given back."""
-        import dataclasses
-        import time
-
         import numpy as np
 
         from .racing import corpus_score, race_round
@@ -276,21 +300,14 @@ class EvaluationService:
             stop = min(n, seen + sc.racing_chunk) if len(alive) > keep else n
             jobs = [(c, c.units, dirs, seen, stop) for c, dirs in self.pool.split([(c, names) for c in alive])]
             for c, part in self.pool.sentence_stats(jobs, n):
-                for d, p in zip(part["directions"], part["parts"]):
-                    stats[c][d].extend(p["stats"])
-                    hyps[c][d].extend(p["hyps"])
-                k = cost[c]
-                k["sentences"] += part["sentences"]
-                k["seconds"] += part["seconds"]
-                k["actors"].add(part["actor"])
-                k["params"], k["bytes"] = part["params"], part["bytes"]
+                _add_part(part, hyps[c], cost[c], stats[c])
             seen, rnd = stop, rnd + 1
             if len(alive) > keep and seen < n:
                 res = race_round({c: {d: np.asarray(stats[c][d]) for d in names} for c in alive}, names,
                                  es.metric.name, keep=keep, floor=floor, confidence=sc.racing_confidence,
                                  seed=rnd, sacre=sacre)
                 for c, why in res.out.items():
-                    left[c] = (res.scores[c], seen, why, res.upper[c], *res.margin[c])
+                    left[c] = _Left(res.scores[c], seen, why, res.upper[c], *res.margin[c])
                 alive = [c for c in alive if c not in res.out]
         out: dict[Candidate, Evaluation] = {}
         m = es.metric
@@ -304,42 +321,40 @@ class EvaluationService:
         def bound(c: Candidate) -> float:
             """An upper bound of ``c``'s full score: the full score of the one it lost to (or that one's bound)
             plus their paired margin, or its own bootstrap bound if lower."""
-            _score, _seen, _why, upper, ref, margin = left[c]
+            ref = left[c].lost_to
             base = out[ref].score if ref in out and not out[ref].partial else bound(ref) if ref in left else math.inf
-            return min(upper, base + margin)
+            return min(left[c].upper, base + left[c].margin)
 
-        for c, (score, seen_c, _why, *_bound) in left.items():
+        for c, lc in left.items():
             if full_hit[c]:
                 out[c] = full_hit[c]  # a full score from an earlier run beats a partial one
                 continue
             k = cost[c]
             per_dir = {"-".join(d): m.rounded(float(corpus_score(m.name, np.asarray(stats[c][d]).sum(axis=0), sacre)))
                        for d in names}
-            res = {"score": m.ranked(m.rounded(score)), "params": k["params"], "bytes": k["bytes"],
-                   "metrics": {m.name: {**dict(sorted(per_dir.items())), "mean": m.rounded(score),
+            res = {"score": m.ranked(m.rounded(lc.score)), "params": k["params"], "bytes": k["bytes"],
+                   "metrics": {m.name: {**dict(sorted(per_dir.items())), "mean": m.rounded(lc.score),
                                         "upper": m.rounded(bound(c))}},
                    "sentences": k["sentences"], "seconds": k["seconds"], "actor": ",".join(sorted(k["actors"]))}
             ev = race_hit[c] or self.record(c, res, race, f"{strategy}:race")
             out[c] = dataclasses.replace(ev, partial=True)
             self.store.release(es.context, c, self.owner)
             if not race_hit[c]:  # what it decoded, should the front need its full score (complete_front)
-                self._raced[es.context, c] = (seen_c, hyps[c], cost[c])
+                self._raced[es.context, c] = (lc.seen, hyps[c], cost[c])
                 while len(self._raced) > RACED_KEPT:  # bounded: the oldest go (they are decoded anew if needed)
                     self._raced.pop(next(iter(self._raced)))
         self.budget.requested += len(candidates) * n * len(names)
         self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
                               "decoded_sentences": sum(k["sentences"] for k in cost.values()),
                               "plain_sentences": len(todo) * n * len(names), "seconds": round(time.perf_counter() - t0, 2),
-                              "out": {"+".join(c.units): {"seen": s, "why": why, "score": round(sc_, 4),
+                              "out": {"+".join(c.units): {"seen": lc.seen, "why": lc.why, "score": round(lc.score, 4),
                                                           "upper": out[c].metrics[m.name].get("upper")}
-                                      for c, (sc_, s, why, *_b) in left.items()}})
+                                      for c, lc in left.items()}})
         return [out[c] for c in candidates]
 
     def _await_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> dict[Candidate, Evaluation]:
         """Wait for candidates another run is racing: its full evaluation, or its raced-out (partial) one; a
         candidate whose claim lapses with neither (that run died) is evaluated here in full."""
-        import dataclasses
-
         race = self._race_context(es)
         out: dict[Candidate, Evaluation] = {}
         waiting = list(candidates)
@@ -396,12 +411,7 @@ class EvaluationService:
         jobs = [(c, c.units, dirs, kept[c][0], n) for c, dirs in self.pool.split([(c, names) for c in candidates])]
         seen_cost = {c: kept[c][2]["sentences"] for c in candidates}
         for c, part in self.pool.sentence_stats(jobs, n):
-            _, hyps, k = kept[c]
-            for d, p in zip(part["directions"], part["parts"]):
-                hyps[d].extend(p["hyps"])
-            k["sentences"] += part["sentences"]
-            k["seconds"] += part["seconds"]
-            k["actors"].add(part["actor"])
+            _add_part(part, kept[c][1], kept[c][2])
         out = []
         for c in candidates:
             _, hyps, k = kept[c]
