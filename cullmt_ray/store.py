@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -90,6 +91,28 @@ def _check_file(path: Path) -> None:
                          f"{', '.join(sorted(tables))}); expected a cullmt-ray store")
 
 
+def _create_file(path: Path) -> None:
+    """Create a new store file whole: the schema is written to a temporary file beside it, which is then
+    linked into place only if no file is there yet. Another process starting at the same moment sees
+    either no file or a complete store, never the empty file SQLite makes before its first page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # kept in the file's header
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+        try:
+            os.link(tmp, path)  # fails if another process made the store first: theirs is kept
+        except FileExistsError:
+            pass
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+
+
 def context_key(description: dict) -> str:
     return hashlib.sha256(dumps_canonical(description).encode()).hexdigest()[:16]
 
@@ -107,16 +130,19 @@ class ResultStore:
         if self.pg:
             self.db = self._connect_pg(read_only)
             return
-        if self.path.exists():
-            _check_file(self.path)
-        elif read_only:
+        if read_only and not self.path.exists():
             raise StoreError(f"results store {str(location)!r} does not exist")
+        try:
+            if not self.path.exists():
+                _create_file(self.path)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"results store {str(location)!r}: cannot create it ({e})") from None
+        _check_file(self.path)
         try:
             if read_only:
                 self.db = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30,
                                           isolation_level=None)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = self._connect()
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
@@ -340,7 +366,6 @@ class ResultStore:
 def _dead_here(owner: str) -> bool:
     """A claim's owner (``host:pid:...``) is a process of this host that is gone: its claim is void now,
     not when its lease ends (a killed driver's own ``--resume`` need not wait for it)."""
-    import os
     import socket
 
     host, _, rest = owner.partition(":")

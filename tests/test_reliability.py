@@ -148,6 +148,35 @@ def test_corrupt_stores_are_refused_and_left_alone(tmp_path, content, message):
     assert path.read_bytes() == content
 
 
+def _open_store(path: Path, results) -> None:
+    try:
+        with ResultStore(path):
+            results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the test reports what each process saw
+        results.put(repr(e))
+
+
+def test_processes_opening_a_new_store_together_all_get_it(tmp_path):
+    """Drivers started together on a store that does not exist yet: each opens the one complete store,
+    none sees the empty file SQLite makes before its first page (it was refused as 'an empty file')."""
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    for i in range(8):
+        path = tmp_path / f"s{i}.sqlite"
+        results = mp.Queue()
+        procs = [mp.Process(target=_open_store, args=(path, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        seen = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert seen == ["ok"] * 6, seen
+    with ResultStore(tmp_path / "s0.sqlite", read_only=True) as s:
+        assert s.count() == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
 def test_a_broken_row_names_store_and_row(tmp_path):
     path = tmp_path / "s.sqlite"
     with ResultStore(path) as s:
