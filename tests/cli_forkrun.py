@@ -3,17 +3,33 @@ child per command line, which runs ``cullmt_ray.cli.main(argv)`` exactly as ``py
 with its own working directory and stdout/stderr files.
 
 stdin: a JSON list of {"argv": [...], "cwd": DIR}; stdout: a JSON list of {"code", "stdout", "stderr", "seconds"}.
-Used by tests/test_bad_input.py (a few of its cases also run as real ``python -m cullmt_ray.cli`` processes).
+Used by the bad-input tests (tests/test_bad_input.py, test_cli.py, test_heal.py: :func:`run_cases`); a few of
+test_bad_input's cases also run as real ``python -m cullmt_ray.cli`` processes to show both give the same answer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cases(cases: list[dict], env: dict | None = None) -> list[dict]:
+    """Run ``[{"argv": [...], "cwd": DIR}, ...]`` through one forking process; each case's code, stdout,
+    stderr and seconds."""
+    env = {**os.environ, "CULLMT_NO_PROGRESS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "tests.cli_forkrun"], input=json.dumps(cases), capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 def _child(argv: list[str], cwd: str, out: str, err: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_forkrun import run_cases
 from tests.conftest import REPO
 
 ENV = {**os.environ, "CULLMT_NO_PROGRESS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
@@ -280,10 +281,7 @@ def outcomes(world) -> dict:
     before = {"rows": _rows(Path(world["store"])), "made": _tree(t / "made"),
               "files": {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in watched}}
     cases = [{"argv": _argv(c, world), "cwd": world["cwd"]} for c in CASES]
-    proc = subprocess.run([sys.executable, "-m", "tests.cli_forkrun"], input=json.dumps(cases), capture_output=True,
-                          text=True, env=ENV, cwd=REPO, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = dict(zip([c[0] for c in CASES], json.loads(proc.stdout)))
+    results = dict(zip([c[0] for c in CASES], run_cases(cases, ENV)))
     (t / "outcomes.json").write_text(json.dumps(results, indent=1))  # to read when a case fails
     return {"results": results, "before": before, "watched": watched}
 

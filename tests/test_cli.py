@@ -28,7 +28,7 @@ def test_help_explains_the_commands():
     assert run(["search", "--help"]).returncode == 0
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["search", "nope.yaml"], "config 'nope.yaml' does not exist"),
     (["search", "--set", "search.treshold=1"], "search.treshold: unknown field"),
     (["search", "--threshold", "-1"], "search.threshold=-1.0: expected >= 0"),
@@ -39,15 +39,33 @@ def test_help_explains_the_commands():
     (["search", "--spm", "/no/such.model"], "no such SentencePiece model file"),
     (["search", "--metric", "ter"], "metric.primary='ter'"),
     (["evaluate", "--directions", "en-xx"], "unknown language code 'xx'"),
-])
-def test_bad_input_is_one_clear_line(args, message, tmp_path, tiny_encdec):
-    model = [] if "--model" in args else ["--model", str(tiny_encdec)]
-    model += [] if "--spm" in args or "--model" in args else ["--spm", "reference"]
-    out = run(args + model + ["--store", str(tmp_path / "s.sqlite")], cwd=tmp_path)
-    assert out.returncode == 2
-    err = out.stderr.strip().splitlines()
-    assert err[-1].startswith("cullmt-ray") and message in err[-1], out.stderr
-    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("pareto.csv"))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes(tmp_path_factory, tiny_encdec) -> list[tuple[Path, dict]]:
+    """Each BAD_INPUT case run as the CLI runs it (forked from one process that imported it: tests/cli_forkrun.py),
+    in its own working directory."""
+    from tests.cli_forkrun import run_cases
+
+    cases, dirs = [], []
+    for args, _ in BAD_INPUT:
+        cwd = tmp_path_factory.mktemp("bad")
+        model = [] if "--model" in args else ["--model", str(tiny_encdec)]
+        model += [] if "--spm" in args or "--model" in args else ["--spm", "reference"]
+        cases.append({"argv": args + model + ["--store", str(cwd / "s.sqlite")], "cwd": str(cwd)})
+        dirs.append(cwd)
+    return list(zip(dirs, run_cases(cases)))
+
+
+@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line(i, bad_input_outcomes):
+    message = BAD_INPUT[i][1]
+    cwd, out = bad_input_outcomes[i]
+    assert out["code"] == 2, out["stderr"][-2000:]
+    err = out["stderr"].strip().splitlines()
+    assert err[-1].startswith("cullmt-ray") and message in err[-1], out["stderr"]
+    assert not (cwd / "results").exists() or not any((cwd / "results").rglob("pareto.csv"))
 
 
 def test_flores200_missing_names_the_fix(tmp_path, tiny_encdec):

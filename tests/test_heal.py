@@ -325,6 +325,10 @@ def test_kd_cache_is_resumable_and_reused(ray_cluster, tiny_encdec, tmp_path):
 @pytest.fixture
 def run_dir(tmp_path, tiny_encdec) -> Path:
     """A finished search run folder (as cullmt-ray search writes it) over the tiny model."""
+    return _finished_run(tmp_path, tiny_encdec)
+
+
+def _finished_run(tmp_path: Path, tiny_encdec: Path) -> Path:
     from cullmt_ray.config import load_config
 
     cfg = load_config(None, [f"model.name={tiny_encdec}", "data.languages=[eng_Latn, deu_Latn]",
@@ -359,7 +363,7 @@ def test_candidates_from_a_run(run_dir):
 CLI = [sys.executable, "-m", "cullmt_ray.cli", "heal"]
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_HEAL_INPUT = [
     (["--candidate", "nope"], "--candidate 'nope': no candidate"),
     (["--candidate", "enc.9"], "unit 'enc.9' is not in"),
     (["--mix", "teacher"], "mix='teacher': expected one of kd, refs, both"),
@@ -372,15 +376,27 @@ CLI = [sys.executable, "-m", "cullmt_ray.cli", "heal"]
     (["--set", "train.select=val_kl", "--set", "train.val_sentences=0"], "train.select=val_kl: needs validation"),
     (["--set", "train.layer_kd_at=all"], "train.layer_kd_at='all': expected one of cut, kept"),
     (["--config", "nope.yaml"], "heal config 'nope.yaml' does not exist"),
-])
-def test_bad_heal_input_is_one_clear_line(args, message, run_dir):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_heal_outcomes(tmp_path_factory, tiny_encdec) -> tuple[Path, list[dict]]:
+    """Each BAD_HEAL_INPUT case run as the CLI runs it (forked from one process that imported it:
+    tests/cli_forkrun.py), all on one finished run folder."""
+    from tests.cli_forkrun import run_cases
+
+    d = _finished_run(tmp_path_factory.mktemp("heal-bad"), tiny_encdec)
     demo = Path(__file__).resolve().parents[1] / "cullmt_ray" / "reference" / "demo_dev"
-    env = {**os.environ, "CULLMT_NO_PROGRESS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    base = [str(run_dir), "--set", f"corpus.path={demo}", "--set", "corpus.split=null"]
-    out = subprocess.run(CLI + base + args, capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    err = out.stderr.strip().splitlines()
-    assert err[-1].startswith("cullmt-ray heal: error:") and message in err[-1], out.stderr[-2000:]
+    base = [str(d), "--set", f"corpus.path={demo}", "--set", "corpus.split=null"]
+    return d, run_cases([{"argv": ["heal", *base, *args], "cwd": str(d.parent)} for args, _ in BAD_HEAL_INPUT])
+
+
+@pytest.mark.parametrize("i", range(len(BAD_HEAL_INPUT)), ids=[" ".join(a) for a, _ in BAD_HEAL_INPUT])
+def test_bad_heal_input_is_one_clear_line(i, bad_heal_outcomes):
+    run_dir, out = bad_heal_outcomes[0], bad_heal_outcomes[1][i]
+    assert out["code"] == 2, out["stderr"][-2000:]
+    err = out["stderr"].strip().splitlines()
+    assert err[-1].startswith("cullmt-ray heal: error:") and BAD_HEAL_INPUT[i][1] in err[-1], out["stderr"][-2000:]
     assert not (run_dir / "heal").exists()  # nothing half-written
 
 
