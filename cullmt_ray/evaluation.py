@@ -252,7 +252,7 @@ class EvaluationService:
         evaluation, see :meth:`_await_raced`), and a raced-out candidate's claim is given back."""
         import numpy as np
 
-        from .racing import corpus_score, race_round
+        from .racing import corpus_score, next_stop, race_round
 
         sc = self.cfg.search
         race = self._race_context(es)
@@ -297,7 +297,7 @@ class EvaluationService:
         t0 = time.perf_counter()
         while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
             # once the race is decided (no more than ``keep`` left), the rest of the dev set in one go
-            stop = min(n, seen + sc.racing_chunk) if len(alive) > keep else n
+            stop = next_stop(seen, n, sc.racing_chunk) if len(alive) > keep else n
             jobs = [(c, c.units, dirs, seen, stop) for c, dirs in self.pool.split([(c, names) for c in alive])]
             for c, part in self.pool.sentence_stats(jobs, n):
                 _add_part(part, hyps[c], cost[c], stats[c])

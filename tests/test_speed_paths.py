@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cullmt_ray.racing import bleu_from_stats, race_round
+from cullmt_ray.racing import bleu_from_stats, next_stop, race_round
 
 from .conftest import search_config, write_self_reference_devset
 
@@ -29,6 +29,24 @@ def test_vectorised_bleu_equals_sacrebleu_on_resampled_sentences(demo_sources):
         idx = [rng.randrange(len(refs)) for _ in range(rng.randint(1, len(refs)))]
         want = bleu.corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
         assert bleu_from_stats(stats[idx].sum(axis=0)) == pytest.approx(want, abs=1e-9)
+
+
+def _rounds(n: int, chunk: int) -> list[int]:
+    seen, stops = 0, []
+    while seen < n:
+        seen = next_stop(seen, n, chunk)
+        stops.append(seen)
+    return stops
+
+
+def test_race_chunks_grow_with_the_sentences_seen():
+    """Fixed chunks while few sentences are seen (the demo's 100: 20, 40, 60, 80, 100), then half the seen
+    sentences at a time, in multiples of the chunk: a FLORES-sized dev set (1012) races in 11 rounds, not 51."""
+    assert _rounds(100, 20) == [20, 40, 60, 80, 100]
+    big = _rounds(1012, 20)
+    assert big == [20, 40, 60, 80, 120, 180, 260, 380, 560, 840, 1012]
+    assert all((b - a) % 20 == 0 and b - a <= max(20, a // 2) for a, b in zip([0, *big[:-2]], big[:-1]))
+    assert _rounds(7, 20) == [7] and _rounds(45, 10) == [10, 20, 30, 40, 45]
 
 
 def test_race_round_drops_only_the_clearly_worse():
