@@ -28,6 +28,7 @@ from .metrics import METRICS, Scorer
 
 
 KL_CACHE_MIB = 512  # the full model's KL targets kept per actor (least recently used dropped beyond)
+PREFIX_STATES_MIB = 512  # decoder-only prompt states shared by prune sets per actor (families/prefix.py)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class EvaluatorActor:
         torch.set_num_threads(max(1, threads))
         self.name = name
         self.family = load_family(spec)
+        if hasattr(self.family, "prefix_states"):  # the replica's weights never change: prompt states may be shared
+            from .families.prefix import PrefixStates
+
+            self.family.prefix_states = PrefixStates(PREFIX_STATES_MIB)
         self.devset = devset
         self.settings = settings
         self.scorer = Scorer(spm=settings.spm, metrics=settings.metrics)
@@ -268,6 +273,20 @@ def place_actors(n: int, need: dict[str, float], placement: str = "spread") -> l
     return out
 
 
+def prefix_order(jobs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """``(candidate, ...)`` jobs with the candidates that remove later units first (their unit indices compared
+    from the first removed unit on, larger first; other keys keep their place after them): a candidate run after
+    another on an actor then shares the longest run of first layers with one before it, whose prompt states the
+    actor keeps (:mod:`cullmt_ray.families.prefix`)."""
+    def key(job) -> tuple:
+        units = getattr(job[0], "units", None)
+        if units is None:
+            return ()
+        return tuple(sorted(tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in u.split(".")) for u in units))
+
+    return sorted(jobs, key=key, reverse=True)
+
+
 class EvaluatorPool:
     """A set of evaluator actors; spreads candidates over them and yields results as they finish."""
 
@@ -355,7 +374,9 @@ class EvaluatorPool:
     def split(self, jobs: list[tuple[Any, list[Direction]]]) -> list[tuple[Any, list[Direction]]]:
         """``(key, directions)`` tasks from ``(key, directions)`` jobs: one task per job with every direction
         (decoded together: fuller batches), except the jobs left over when they do not divide evenly over the
-        actors, which get one task per direction so that every actor stays busy to the end."""
+        actors, which get one task per direction so that every actor stays busy to the end. Candidates that
+        remove later units go first (:func:`prefix_order`)."""
+        jobs = prefix_order(jobs)
         whole = len(jobs) - len(jobs) % self.size
         return [(k, list(dirs)) for k, dirs in jobs[:whole]] + [(k, [d]) for k, dirs in jobs[whole:] for d in dirs]
 

@@ -4,8 +4,10 @@ translations) and the KL cache (same KL)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sys
 
 import numpy as np
 import pandas as pd
@@ -289,6 +291,64 @@ def test_directions_share_batches_with_the_same_outputs(reference_families, mode
         for slack in (1, 8, 10**9):  # drop finished rows never until the batch ends / now and then / at once
             monkeypatch.setattr(greedy._Rows, "slack", slack)
             assert fam.translate_many(jobs, dec) == alone
+
+
+def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_families):
+    """A decoder-only replica keeps prompt states per layer boundary: a prune set run after another on the same
+    batches replays the first layers they share instead of computing them, and translates exactly as without
+    (and as HF generate); states of other batches or other first layers are never replayed."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.evaluator import prefix_order
+    from cullmt_ray.families import prefix
+    from cullmt_ray.candidate import Candidate
+
+    fam = reference_families["llama"]
+    assert fam.prefix_states is None  # off unless a replica whose weights never change turns it on
+    dev = load_devset("builtin:demo")
+    jobs = [(list(dev.lines[s][:8]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
+    other = [(list(dev.lines[s][8:14]), s, t) for s, t, in parse_directions("english-centric", list(dev.lines))]
+    sets = [c.units for c, _ in prefix_order([(Candidate.of(u), None) for u in
+                                              (["layer.1"], ["layer.4"], ["layer.2", "layer.4"], ["layer.2", "layer.5"])])]
+    assert sets == [["layer.4"], ["layer.2", "layer.5"], ["layer.2", "layer.4"], ["layer.1"]]
+    dec = Decoding(batch_size=4, max_new_tokens=64)
+    want = {}
+    for units in sets:
+        with fam.apply(units):
+            want[tuple(units)] = (fam.translate_many(jobs, dec), fam.translate_many(other, dec))
+            assert want[tuple(units)][0][0] == _both(fam, *jobs[0], dec)[1]  # the loop gives generate's tokens
+    replayed = []
+    real = prefix.shared_prefill
+
+    @contextlib.contextmanager
+    def counted(*args):
+        with real(*args) as n:
+            replayed.append(n)
+            yield n
+
+    try:
+        fam.prefix_states = prefix.PrefixStates(512)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys.modules[type(fam).__module__], "shared_prefill", counted)
+            for units in sets:
+                with fam.apply(units):
+                    got = fam.translate_many(jobs, dec)
+                assert got == want[tuple(units)][0], units
+            # layer.4 first (nothing known), then {2,5} replays layers 0-1 of layer.4's, {2,4} layers 0, 1, 3 of
+            # {2,5}'s, layer.1 layer 0: one number per batch
+            per_set = len(replayed) // len(sets)
+            assert [set(replayed[i * per_set:(i + 1) * per_set]) for i in range(len(sets))] == [{0}, {2}, {3}, {1}]
+            replayed.clear()
+            with fam.apply(["layer.3"]):
+                assert fam.translate_many(other, dec) == [fam.translate(*j, dec) for j in other]
+            assert set(replayed) == {0}  # other batches: nothing known, nothing replayed
+        assert fam.prefix_states.nbytes > 0
+        fam.prefix_states = prefix.PrefixStates(0.001)  # too small to keep anything: computed as before
+        with fam.apply(["layer.2", "layer.4"]):
+            assert fam.translate_many(jobs, dec) == want[("layer.2", "layer.4")][0]
+        assert fam.prefix_states.nbytes == 0
+    finally:
+        fam.prefix_states = None
 
 
 def test_two_racing_searches_on_one_store_compute_each_candidate_once(tiny_encdec, demo_sources, tmp_path):

@@ -68,20 +68,31 @@ class TensorCache:
 
     def get(self, key, make):
         """The value for ``key``; on a miss ``make()`` computes it (kept if it fits)."""
-        if key in self.items:
-            self.hits += 1
-            self.items.move_to_end(key)
-            return self.items[key][0]
+        if (hit := self.find(key)) is not None:
+            return hit
         self.misses += 1
         value = make()
-        size = self._size(value)
-        if size <= self.limit:
-            self.items[key] = (value, size)
-            self.nbytes += size
-            while self.nbytes > self.limit:
-                _, (_, s) = self.items.popitem(last=False)
-                self.nbytes -= s
+        self.put(key, value)
         return value
+
+    def find(self, key):
+        """The value for ``key`` (now the most recently used), or None."""
+        if key not in self.items:
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return self.items[key][0]
+
+    def put(self, key, value) -> None:
+        """Keep ``value`` for ``key`` if it fits, dropping the least recently used beyond the limit."""
+        size = self._size(value)
+        if size > self.limit or key in self.items:
+            return
+        self.items[key] = (value, size)
+        self.nbytes += size
+        while self.nbytes > self.limit:
+            _, (_, s) = self.items.popitem(last=False)
+            self.nbytes -= s
 
     def clear(self) -> None:
         self.items.clear()

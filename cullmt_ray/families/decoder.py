@@ -6,6 +6,7 @@ one), else a plain template. The output is the first line of the continuation.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -15,6 +16,7 @@ from ..languages import name as lang_name
 from ..config import Decoding
 from .base import Example, LayerStack, ModelFamily
 from .greedy import generation_config, greedy_causal, unsupported
+from .prefix import PrefixStates, shared_prefill
 
 # The reference Llama is trained with this template; base LLMs follow it well enough too.
 DEFAULT_TEMPLATE = "{src_name}: {source}\n{tgt_name}:"
@@ -30,6 +32,10 @@ class DecoderOnlyFamily(ModelFamily):
     def __init__(self, model: nn.Module, tokenizer, model_id: str, prompt_template: str | None = None,
                  use_chat_template: bool | None = None):
         super().__init__(model, tokenizer, model_id)
+        self._layer_count = len(self.stacks[0].layers)
+        # Prompt states at layer boundaries, shared by prune sets that keep the same first layers (prefix.py).
+        # Only for a replica whose weights never change (an evaluator actor sets it): they are not part of the key.
+        self.prefix_states: PrefixStates | None = None
         self.prompt_template = prompt_template or DEFAULT_TEMPLATE
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = has_chat if use_chat_template is None else use_chat_template
@@ -100,7 +106,12 @@ class DecoderOnlyFamily(ModelFamily):
 
     def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
         ids, mask = self._prompt_ids(rows)
-        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits))
+        prefill = None
+        if self.prefix_states is not None:
+            kept = tuple(i for i in range(self._layer_count) if f"layer.{i}" not in self.removed)
+            stack, batch = self.stacks[0], PrefixStates.batch_key(ids, mask)
+            prefill = functools.partial(shared_prefill, stack.owner, stack.attr, self.prefix_states, batch, kept)
+        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits, prefill))
 
     def _greedy_config(self, decoding: Decoding):
         """The generation config the greedy loop decodes with, or None where it does not apply (beams, a

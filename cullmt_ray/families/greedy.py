@@ -17,6 +17,7 @@ and the families then fall back to ``generate``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -230,9 +231,10 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 @torch.inference_mode()
 def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
-                  limits: list[int]) -> list[list[int]]:
+                  limits: list[int], prefill=None) -> list[list[int]]:
     """Greedy continuation tokens of a decoder-only model for a left-padded batch of prompts: ``generate``'s
-    new tokens with ``max_new_tokens=limits[i]`` for row ``i``, without padding after EOS."""
+    new tokens with ``max_new_tokens=limits[i]`` for row ``i``, without padding after EOS. ``prefill(cache)``:
+    a context for the prompt pass (e.g. :func:`cullmt_ray.families.prefix.shared_prefill`)."""
     device = input_ids.device
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
@@ -245,8 +247,9 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
-        out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                    return_dict=True, **kw)
+        with prefill(cache) if prefill is not None and step == 0 else contextlib.nullcontext():
+            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                        return_dict=True, **kw)
         nxt = _pick(out.logits[:, -1], eos, forced_eos, at_limit)
         cache = out.cache
         del out
