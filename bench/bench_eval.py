@@ -64,6 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     fam = load_family(ModelConfig(args.model))
+    fam.keep_states()  # as an evaluator actor does
     if fam.name != "encdec":
         raise SystemExit("bench_eval compares the encoder-decoder route; pass an NLLB/M2M-100 model")
     ds = load_devset("builtin:demo").subsample(args.sentences)

@@ -120,6 +120,7 @@ def part_candidate(args) -> dict:
 
     torch.set_num_threads(1)
     fam = load_family(ModelConfig("reference:dense"))
+    fam.keep_states()  # as an evaluator actor does
     sources = list(load_devset("builtin:demo").subsample(48).lines["eng_Latn"])
     dec = Decoding(batch_size=16)
     res = {}

@@ -155,10 +155,11 @@ class SearchConfig:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     driver: str = "local"  # local (the driver loop) | tune (each candidate a Ray Tune trial)
     # Racing (greedy and beam, local driver): each step's candidates are decoded chunk by chunk
-    # (racing_chunk sentences per direction, later chunks half the sentences seen); one leaves as soon as a paired bootstrap says with
-    # racing_confidence that it is below the step's leader (beam: width-th best) or the threshold;
-    # those that could be on the Pareto front are scored in full at the end. auto: on for the
-    # search verb's greedy/beam wherever the greedy loop decodes (rows exact: fp32 on CPU), else off.
+    # (racing_chunk sentences per direction, later chunks half the sentences seen); one leaves as
+    # soon as a paired bootstrap says with racing_confidence that it is below the step's leader
+    # (beam: width-th best) or the threshold; those that could be on the Pareto front are scored in
+    # full at the end. auto: on for the search verb's greedy/beam wherever the greedy loop decodes
+    # (rows exact: fp32 on CPU), else off.
     racing: bool | str = "auto"
     racing_chunk: int = 20
     racing_confidence: float = 0.99

@@ -28,7 +28,6 @@ from .metrics import METRICS, Scorer
 
 
 KL_CACHE_MIB = 512  # the full model's KL targets kept per actor (least recently used dropped beyond)
-PREFIX_STATES_MIB = 512  # decoder-only prompt states shared by prune sets per actor (families/prefix.py)
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,7 @@ class EvaluatorActor:
         torch.set_num_threads(max(1, threads))
         self.name = name
         self.family = load_family(spec)
-        if hasattr(self.family, "prefix_states"):  # the replica's weights never change: prompt states may be shared
-            from .families.prefix import PrefixStates
-
-            self.family.prefix_states = PrefixStates(PREFIX_STATES_MIB)
+        self.family.keep_states()  # the replica's weights never change: states may be reused across prune sets
         self.devset = devset
         self.settings = settings
         self.scorer = Scorer(spm=settings.spm, metrics=settings.metrics)

@@ -1,10 +1,11 @@
 """Racing the candidates of one greedy/beam step (``search.racing``): torch-free, Ray-free.
 
 Every candidate of a step is decoded on the same first chunk of dev sentences per direction (later
-chunks grow with the sentences seen, :func:`next_stop`); a candidate leaves the race as soon as a paired bootstrap over the sentences seen so far says, with
-``confidence``, that it scores below the step's ``keep``-th best (1 for greedy, ``width`` for beam)
-or below the acceptance ``floor`` (baseline minus threshold). The rest go on to the next chunk,
-until ``keep`` are left or the dev set is exhausted; only those are scored on the whole dev set.
+chunks grow with the sentences seen, :func:`next_stop`); a candidate leaves the race as soon as a
+paired bootstrap over the sentences seen so far says, with ``confidence``, that it scores below the
+step's ``keep``-th best (1 for greedy, ``width`` for beam) or below the acceptance ``floor``
+(baseline minus threshold). The rest go on to the next chunk, until ``keep`` are left or the dev set
+is exhausted; only those are scored on the whole dev set.
 A candidate that leaves keeps an upper bound of its score: the full score of the candidate it lost to
 plus the ``confidence`` quantile of their paired bootstrap difference (or of its own bootstrap scores,
 if lower); at the end of a search, those whose bound could still put them on the Pareto front are

@@ -108,6 +108,9 @@ def _create_file(path: Path) -> None:
             os.link(tmp, path)  # fails if another process made the store first: theirs is kept
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: moved into place unless one appeared meanwhile
+            if not path.exists():
+                os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
             leftover.unlink(missing_ok=True)

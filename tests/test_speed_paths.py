@@ -78,7 +78,9 @@ def fam(tiny_encdec):
     from cullmt_ray.config import ModelConfig
     from cullmt_ray.families import load_family
 
-    return load_family(ModelConfig(str(tiny_encdec)))
+    family = load_family(ModelConfig(str(tiny_encdec)))
+    family.keep_states()  # as an evaluator actor does
+    return family
 
 
 @pytest.mark.parametrize("beams", [1, 2])
@@ -204,7 +206,10 @@ def reference_families():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as an actor decodes (1 CPU each); and no oversubscription on a shared box
     try:
-        yield {m: load_family(ModelConfig(f"reference:{m}")) for m in ("dense", "llama")}
+        families = {m: load_family(ModelConfig(f"reference:{m}")) for m in ("dense", "llama")}
+        for family in families.values():
+            family.keep_states()  # as an evaluator actor does
+        yield families
     finally:
         torch.set_num_threads(threads)
 
@@ -304,7 +309,7 @@ def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_fa
     from cullmt_ray.candidate import Candidate
 
     fam = reference_families["llama"]
-    assert fam.prefix_states is None  # off unless a replica whose weights never change turns it on
+    kept_before = fam.prefix_states
     dev = load_devset("builtin:demo")
     jobs = [(list(dev.lines[s][:8]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
     other = [(list(dev.lines[s][8:14]), s, t) for s, t, in parse_directions("english-centric", list(dev.lines))]
@@ -313,6 +318,7 @@ def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_fa
     assert sets == [["layer.4"], ["layer.2", "layer.5"], ["layer.2", "layer.4"], ["layer.1"]]
     dec = Decoding(batch_size=4, max_new_tokens=64)
     want = {}
+    fam.prefix_states = None
     for units in sets:
         with fam.apply(units):
             want[tuple(units)] = (fam.translate_many(jobs, dec), fam.translate_many(other, dec))
@@ -348,7 +354,65 @@ def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_fa
             assert fam.translate_many(jobs, dec) == want[("layer.2", "layer.4")][0]
         assert fam.prefix_states.nbytes == 0
     finally:
+        fam.prefix_states = kept_before
+
+
+def test_encoder_states_are_replayed_by_prune_sets_sharing_first_encoder_layers(reference_families):
+    """An encoder-decoder replica keeps the source states after each encoder layer: a prune set run after another
+    on the same batches replays the encoder layers they share first, with the same translations."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.families import prefix
+
+    fam = reference_families["dense"]
+    kept_before = fam.prefix_states
+    dev = load_devset("builtin:demo")
+    jobs = [(list(dev.lines[s][:8]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
+    sets = [["enc.4"], ["enc.2", "dec.1"], ["enc.1"]]
+    try:
         fam.prefix_states = None
+        want = {}
+        for units in sets:
+            with fam.apply(units):
+                want[tuple(units)] = fam.translate_many(jobs, Decoding())
+        fam.prefix_states = prefix.PrefixStates(512)
+        for units in sets:
+            with fam.apply(units):
+                assert fam.translate_many(jobs, Decoding()) == want[tuple(units)], units
+        # enc.4 kept (0,1,2,3,5): 5 boundaries per batch; enc.2+dec.1 added (0,1,3), (0,1,3,4), (0,1,3,4,5)
+        # after replaying (0,1); enc.1 added (0,2), ... after replaying (0,)
+        per_batch = {key[1] for key in fam.prefix_states.items}
+        assert {(0,), (0, 1), (0, 1, 3), (0, 2)} <= per_batch and fam.prefix_states.hits > 0
+    finally:
+        fam.prefix_states = kept_before
+
+
+def test_a_family_keeps_no_states_unless_asked(demo_sources):
+    """A freshly loaded family reuses nothing across calls (a model being trained or merged changes its
+    weights between translations: healing validates as it trains); keep_states is for replicas whose weights
+    never change."""
+    import torch
+
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.families import load_family
+
+    family = load_family(ModelConfig("reference:dense"))
+    assert family.encoder_cache is None and family.prefix_states is None
+    dec = Decoding(max_new_tokens=32)
+    for removed in (["dec.4"], ["enc.4"]):  # the full encoder's output; states at encoder layer boundaries
+        with family.apply(removed):
+            before = family.translate(demo_sources, "eng_Latn", "deu_Latn", dec)
+        layer = family.model.model.encoder.layers[2]
+        saved = layer.fc2.weight.detach().clone()
+        with torch.no_grad():
+            layer.fc2.weight.mul_(-3.0)
+        try:
+            with family.apply(removed):
+                changed = family.translate(demo_sources, "eng_Latn", "deu_Latn", dec)
+        finally:
+            with torch.no_grad():
+                layer.fc2.weight.copy_(saved)
+        assert changed != before, removed  # the new weights were used, not states of the old ones
 
 
 def test_two_racing_searches_on_one_store_compute_each_candidate_once(tiny_encdec, demo_sources, tmp_path):

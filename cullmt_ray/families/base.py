@@ -243,6 +243,16 @@ class ModelFamily(ABC):
             raise FamilyError("a prune set is already applied; prune sets do not nest")
         self._applied = True
 
+    # --------------------------------------------------------------- states kept across prune sets
+    # Prompt (decoder-only) or source (encoder-decoder) states at layer boundaries kept per replica for prune
+    # sets that share their first layers (prefix.py), in MiB; None: not kept.
+    prefix_states_mib: ClassVar[float | None] = 512.0
+
+    def keep_states(self) -> None:
+        """Reuse computed states across prune sets (the full encoder's output, states at layer boundaries):
+        for a replica whose weights never change, an evaluator actor. Off by default: they are not keyed by the
+        weights, so a model being trained or merged would read stale ones."""
+
     # --------------------------------------------------------------- translation
     # Sentences decoded together by the greedy loop when rows are exact (see ``translate``): as many
     # length-sorted sources as fit in this many padded source tokens, at most ``decode_rows``.

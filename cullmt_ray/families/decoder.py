@@ -33,9 +33,7 @@ class DecoderOnlyFamily(ModelFamily):
                  use_chat_template: bool | None = None):
         super().__init__(model, tokenizer, model_id)
         self._layer_count = len(self.stacks[0].layers)
-        # Prompt states at layer boundaries, shared by prune sets that keep the same first layers (prefix.py).
-        # Only for a replica whose weights never change (an evaluator actor sets it): they are not part of the key.
-        self.prefix_states: PrefixStates | None = None
+        self.prefix_states: PrefixStates | None = None  # see keep_states
         self.prompt_template = prompt_template or DEFAULT_TEMPLATE
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = has_chat if use_chat_template is None else use_chat_template
@@ -47,6 +45,11 @@ class DecoderOnlyFamily(ModelFamily):
     def matches(cls, model: nn.Module) -> bool:
         inner = getattr(model, "model", None)
         return hasattr(inner, "layers") and not hasattr(inner, "decoder") and not hasattr(inner, "encoder")
+
+    def keep_states(self) -> None:
+        """Prompt states at layer boundaries, replayed by prune sets that keep the same first layers."""
+        if self.prefix_states_mib:
+            self.prefix_states = PrefixStates(self.prefix_states_mib)
 
     def _stacks(self) -> list[LayerStack]:
         return [LayerStack("layer", self.model.model, "layers", ("num_hidden_layers",),
