@@ -10,12 +10,14 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
 - ``candidate``: one candidate (enc.1 + dec.4 removed, 48 sentences, 1 thread): cullmt-ray's route (the greedy
   loop, :mod:`cullmt_ray.families.greedy`) vs a naive ``deepcopy`` + delete + unsorted HF ``generate``, plus a
   decoder-only candidate with the encoder cache; and the route with the loop vs with HF ``generate``.
+- ``states``: what the states at layer boundaries buy (``cullmt_ray/families/prefix.py``): greedy's first step
+  on two replicas in the pool's order, with and without them (interleaved, same outputs).
 - ``demo``: README command 1 (``cullmt-ray search``, the embedded default): wall time, answer.
 - ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
   no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
   decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
   GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
-    python bench/bench_speed.py [--parts greedy,candidate,demo,scale]
+    python bench/bench_speed.py [--parts greedy,candidate,states,demo,scale]
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ def part_candidate(args) -> dict:
         for _ in range(args.repeats):
             for fast, acc in ((True, loop), (False, gen)):
                 fam.fast_greedy = fast
+                if getattr(fam, "prefix_states", None) is not None:
+                    fam.prefix_states.clear()  # one candidate is decoded once: none of its own states to replay
                 t = time.perf_counter()
                 with fam.apply(removed):
                     out = fam.translate(sources, "eng_Latn", "deu_Latn", dec)
@@ -174,12 +178,16 @@ def _all_directions(fam, dec, repeats: int) -> dict:
         with fam.apply(removed):
             fam.translate_many(jobs, dec)  # warm (fills the encoder cache for a decoder-only set)
             for _ in range(repeats):
+                if getattr(fam, "prefix_states", None) is not None:
+                    fam.prefix_states.clear()
                 t = time.perf_counter()
                 a = [fam.translate(*job, dec) for job in jobs]
                 alone.append(time.perf_counter() - t)
                 hooks = [fam.model.model.encoder.register_forward_pre_hook(pre),
                          fam.model.model.encoder.register_forward_hook(post)]
                 enc_seconds[0] = 0.0
+                if getattr(fam, "prefix_states", None) is not None:
+                    fam.prefix_states.clear()
                 t = time.perf_counter()
                 b = fam.translate_many(jobs, dec)
                 many.append(time.perf_counter() - t)
@@ -194,6 +202,56 @@ def _all_directions(fam, dec, repeats: int) -> dict:
                                   "encoder_share_of_time": round(statistics.median(enc_share), 3)}
     print("all directions", out, flush=True)
     return out
+
+
+def part_states(args) -> dict:
+    """What the states at layer boundaries buy (``cullmt_ray/families/prefix.py``): greedy's first step (every
+    single-unit candidate, the demo's sentences x 6 directions) dealt in the pool's order to two replicas in turn
+    (as two actors take them), decoded with and without the kept states, interleaved; 1 thread; same outputs."""
+    import torch
+
+    from cullmt_ray.candidate import Candidate
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.evaluator import prefix_order
+    from cullmt_ray.families import load_family
+    from cullmt_ray.families.prefix import PrefixStates
+
+    torch.set_num_threads(1)
+    dev = load_devset("builtin:demo")
+    jobs = [(list(dev.lines[s][: args.sentences]), s, t)
+            for s, t in parse_directions("english-centric", list(dev.lines))]
+    out = {}
+    for model in args.models.split(","):
+        replicas = [load_family(ModelConfig(model)) for _ in range(2)]
+        if not hasattr(replicas[0], "prefix_states"):
+            continue  # families without them (encoder-decoder: see the note below)
+        for fam in replicas:
+            fam.keep_states()  # as an evaluator actor does (the encoder output cache too, in both variants)
+        order = [c.units for c, _ in prefix_order([(Candidate.of([u]), None) for u in replicas[0].units()])]
+        seconds: dict[str, list[float]] = {"without": [], "with": []}
+        hyps: dict[str, list] = {}
+        for _ in range(min(args.repeats, 2)):
+            for name in ("without", "with"):
+                for fam in replicas:
+                    fam.prefix_states = PrefixStates(fam.prefix_states_mib) if name == "with" else None
+                t, got = time.perf_counter(), []
+                for i, units in enumerate(order):
+                    fam = replicas[i % 2]
+                    with fam.apply(units):
+                        got.append(fam.translate_many(jobs, Decoding()))
+                seconds[name].append(time.perf_counter() - t)
+                hyps[name] = got
+        res = {"candidates": len(order), "sentences": len(order) * sum(len(j[0]) for j in jobs),
+               "without_seconds": round(min(seconds["without"]), 2), "with_seconds": round(min(seconds["with"]), 2),
+               "ratio": round(min(seconds["with"]) / min(seconds["without"]), 3),
+               "identical_outputs": hyps["with"] == hyps["without"]}
+        out[model.split(":")[-1]] = res
+        print("states", model, res, flush=True)
+    return {"states": {"settings": "greedy's first step dealt to 2 replicas in pool order, 1 thread, best of 2",
+                       **out, "encoder_decoder_note": (
+                           "the encoder's states replayed the same way (commit 45a058b) measured 44.54 s vs "
+                           "45.08 s (0.988x) on reference:dense's first step, same outputs: not kept")}}
 
 
 def part_demo(args) -> dict:
@@ -408,7 +466,7 @@ def project(nllb: dict, greedy: dict | None) -> dict:
 def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(sentences=100)
-    ap.add_argument("--parts", default="greedy,candidate,demo,scale")
+    ap.add_argument("--parts", default="greedy,candidate,states,demo,scale")
     ap.add_argument("--models", default="reference:dense,reference:llama")
     ap.add_argument("--chunk", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)

@@ -244,10 +244,6 @@ class ModelFamily(ABC):
         self._applied = True
 
     # --------------------------------------------------------------- states kept across prune sets
-    # Prompt (decoder-only) or source (encoder-decoder) states at layer boundaries kept per replica for prune
-    # sets that share their first layers (prefix.py), in MiB; None: not kept.
-    prefix_states_mib: ClassVar[float | None] = 512.0
-
     def keep_states(self) -> None:
         """Reuse computed states across prune sets (the full encoder's output, states at layer boundaries):
         for a replica whose weights never change, an evaluator actor. Off by default: they are not keyed by the

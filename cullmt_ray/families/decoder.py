@@ -28,6 +28,8 @@ class DecoderOnlyFamily(ModelFamily):
     causal = True
     # Greedy decoding (num_beams 1) runs greedy.greedy_causal: generate's tokens, finished rows dropped.
     fast_greedy: ClassVar[bool] = True
+    # Prompt states at layer boundaries kept per replica (keep_states, prefix.py), MiB; None: not kept.
+    prefix_states_mib: ClassVar[float | None] = 512.0
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str, prompt_template: str | None = None,
                  use_chat_template: bool | None = None):

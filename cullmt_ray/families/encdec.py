@@ -11,7 +11,6 @@ from torch import nn
 from ..languages import SHORT_TO_NLLB
 from ..config import Decoding
 from .base import Example, FamilyError, LayerStack, ModelFamily, TensorCache
-from .prefix import PrefixStates, shared_prefill
 from .greedy import generation_config, greedy_encdec, unsupported
 
 _NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
@@ -28,16 +27,12 @@ class EncoderDecoderFamily(ModelFamily):
     def __init__(self, model: nn.Module, tokenizer, model_id: str):
         super().__init__(model, tokenizer, model_id)
         self.encoder_cache: TensorCache | None = None  # see keep_states
-        self.prefix_states: PrefixStates | None = None
-        self._encoder_layers = len(self.model.model.encoder.layers)
 
     def keep_states(self) -> None:
-        """The full encoder's output for prune sets without encoder units; the source states after each encoder
-        layer, replayed by prune sets that keep the same first encoder layers."""
+        """The full encoder's output, reused by prune sets without encoder units. (Replaying the states at encoder
+        layer boundaries as the decoder-only family replays its prompt's bought 1% of a step: not kept.)"""
         if self.encoder_cache_mib:
             self.encoder_cache = TensorCache(self.encoder_cache_mib)
-        if self.prefix_states_mib:
-            self.prefix_states = PrefixStates(self.prefix_states_mib)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -114,11 +109,6 @@ class EncoderDecoderFamily(ModelFamily):
         encoder_outputs = None
         if self._encoder_cached():
             encoder_outputs = self.encoder_cache.get(tuple(zip(keys, (r[0] for r in rows))), lambda: self._encode(enc))
-        elif self.prefix_states is not None:
-            kept = tuple(i for i in range(self._encoder_layers) if f"enc.{i}" not in self.removed)
-            batch = PrefixStates.batch_key(enc["input_ids"], enc["attention_mask"])
-            with shared_prefill(self.model.model.encoder, "layers", self.prefix_states, batch, kept):
-                encoder_outputs = self._encode(enc)
         gc = self._greedy_config(tgt_ids[0], decoding)
         start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
         out = greedy_encdec(self.model, enc["input_ids"], enc["attention_mask"], gc, limits, encoder_outputs,

@@ -31,7 +31,6 @@ from .encdec import EncoderDecoderFamily, _is_moe
 
 class NllbMoeFamily(EncoderDecoderFamily):
     encoder_cache_mib = None  # gate statistics count the encoder's router calls while translating
-    prefix_states_mib = None  # and expert units are not layers
     name = "moe"
     dispatch = nllb_moe_fix.DISPATCH_TAG  # recorded in every evaluation context
 
