@@ -278,7 +278,8 @@ def prefix_order(jobs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         units = getattr(job[0], "units", None)
         if units is None:
             return ()
-        return tuple(sorted(tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in u.split(".")) for u in units))
+        parts = (tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in u.split(".")) for u in units)
+        return tuple(sorted(parts))
 
     return sorted(jobs, key=key, reverse=True)
 

@@ -8,8 +8,8 @@ state after each layer run and that layer's keys/values, keyed by the original i
 so far; :func:`shared_prefill` starts a candidate's prefill after the longest prefix a candidate before
 it ran on the same batch, writing the kept keys/values into its cache instead of computing them. These
 are the numbers it would compute (the same layers on the same batch), so its tokens are the same.
-Measured (``bench/bench_speed.py`` part ``states``): greedy's first step on reference:llama in 0.89x of
-the time. The same replay of an encoder-decoder model's encoder bought 1%: not kept.
+Measured (``bench/bench_speed.py`` part ``states``): greedy's first step on reference:llama in 0.84-0.89x
+of the time. The same replay of an encoder-decoder model's encoder bought 1%: not kept.
 """
 
 from __future__ import annotations
