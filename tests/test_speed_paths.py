@@ -302,17 +302,17 @@ def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_fa
     """A decoder-only replica keeps prompt states per layer boundary: a prune set run after another on the same
     batches replays the first layers they share instead of computing them, and translates exactly as without
     (and as HF generate); states of other batches or other first layers are never replayed."""
+    from cullmt_ray.candidate import Candidate
     from cullmt_ray.config import Decoding
     from cullmt_ray.data import load_devset, parse_directions
     from cullmt_ray.evaluator import prefix_order
     from cullmt_ray.families import prefix
-    from cullmt_ray.candidate import Candidate
 
     fam = reference_families["llama"]
     kept_before = fam.prefix_states
     dev = load_devset("builtin:demo")
     jobs = [(list(dev.lines[s][:8]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
-    other = [(list(dev.lines[s][8:14]), s, t) for s, t, in parse_directions("english-centric", list(dev.lines))]
+    other = [(list(dev.lines[s][8:14]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
     sets = [c.units for c, _ in prefix_order([(Candidate.of(u), None) for u in
                                               (["layer.1"], ["layer.4"], ["layer.2", "layer.4"], ["layer.2", "layer.5"])])]
     assert sets == [["layer.4"], ["layer.2", "layer.5"], ["layer.2", "layer.4"], ["layer.1"]]
