@@ -43,13 +43,19 @@ def naive(fam, removed: list[str], sources: list[str], src: str, tgt: str, bs: i
     return out
 
 
+def forget_own_states(fam) -> None:
+    """Drop the prompt states a family kept (``keep_states``) before timing a candidate again: in a search a
+    candidate is decoded once, so it never replays its own."""
+    if getattr(fam, "prefix_states", None) is not None:
+        fam.prefix_states.clear()
+
+
 def versus_naive(fam, removed: list[str], sources: list[str], dec: Decoding,
                  repeats: int) -> tuple[list[float], list[float], int]:
     """Seconds of ours and of :func:`naive` per repeat (interleaved A/B), and how many outputs are equal."""
     ours, theirs = [], []
     for _ in range(repeats):
-        if getattr(fam, "prefix_states", None) is not None:
-            fam.prefix_states.clear()  # one candidate is decoded once: none of its own states to replay
+        forget_own_states(fam)
         t = time.perf_counter()
         with fam.apply(removed):
             a = fam.translate(sources, "eng_Latn", "deu_Latn", dec)

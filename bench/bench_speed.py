@@ -114,7 +114,7 @@ def part_candidate(args) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO / "bench"))
-    from bench_eval import versus_naive
+    from bench_eval import forget_own_states, versus_naive
 
     from cullmt_ray.config import Decoding, ModelConfig
     from cullmt_ray.data import load_devset
@@ -133,8 +133,7 @@ def part_candidate(args) -> dict:
         for _ in range(args.repeats):
             for fast, acc in ((True, loop), (False, gen)):
                 fam.fast_greedy = fast
-                if getattr(fam, "prefix_states", None) is not None:
-                    fam.prefix_states.clear()  # one candidate is decoded once: none of its own states to replay
+                forget_own_states(fam)
                 t = time.perf_counter()
                 with fam.apply(removed):
                     out = fam.translate(sources, "eng_Latn", "deu_Latn", dec)
@@ -159,6 +158,8 @@ def _all_directions(fam, dec, repeats: int) -> dict:
     """A demo candidate (100 sentences x 6 directions): every direction's rows in shared batches
     (``translate_many``, what an actor task runs) vs one direction at a time, interleaved; and the share of
     the time the encoder takes (what caching hidden states at encoder layer boundaries could save at most)."""
+    from bench_eval import forget_own_states
+
     from cullmt_ray.data import load_devset, parse_directions
 
     dev = load_devset("builtin:demo")
@@ -178,16 +179,14 @@ def _all_directions(fam, dec, repeats: int) -> dict:
         with fam.apply(removed):
             fam.translate_many(jobs, dec)  # warm (fills the encoder cache for a decoder-only set)
             for _ in range(repeats):
-                if getattr(fam, "prefix_states", None) is not None:
-                    fam.prefix_states.clear()
+                forget_own_states(fam)
                 t = time.perf_counter()
                 a = [fam.translate(*job, dec) for job in jobs]
                 alone.append(time.perf_counter() - t)
                 hooks = [fam.model.model.encoder.register_forward_pre_hook(pre),
                          fam.model.model.encoder.register_forward_hook(post)]
                 enc_seconds[0] = 0.0
-                if getattr(fam, "prefix_states", None) is not None:
-                    fam.prefix_states.clear()
+                forget_own_states(fam)
                 t = time.perf_counter()
                 b = fam.translate_many(jobs, dec)
                 many.append(time.perf_counter() - t)

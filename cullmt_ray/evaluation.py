@@ -8,10 +8,10 @@ stored the moment it finishes, and the budget counters mean the same everywhere.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,6 +39,15 @@ class _Left(NamedTuple):
     upper: float
     lost_to: Candidate
     margin: float
+
+
+class _Decoded(NamedTuple):
+    """What a raced-out candidate decoded in its race: the first ``seen`` sentences per direction (hypotheses per
+    direction, cost), kept so that completing the front decodes only the rest (:meth:`EvaluationService.complete_front`)."""
+
+    seen: int
+    hyps: dict
+    cost: dict
 
 
 def _add_part(part: dict, hyps: dict, cost: dict, stats: dict | None = None) -> None:
@@ -340,7 +349,7 @@ class EvaluationService:
             out[c] = dataclasses.replace(ev, partial=True)
             self.store.release(es.context, c, self.owner)
             if not race_hit[c]:  # what it decoded, should the front need its full score (complete_front)
-                self._raced[es.context, c] = (lc.seen, hyps[c], cost[c])
+                self._raced[es.context, c] = _Decoded(lc.seen, hyps[c], cost[c])
                 while len(self._raced) > RACED_KEPT:  # bounded: the oldest go (they are decoded anew if needed)
                     self._raced.pop(next(iter(self._raced)))
         self.budget.requested += len(candidates) * n * len(names)
@@ -407,15 +416,14 @@ class EvaluationService:
         (as the race decoded its chunks) and added to those they saw."""
         n = es.limit or len(self.devset)
         names = [tuple(d) for d in es.directions]
-        kept = {c: self._raced.pop((es.context, c)) for c in candidates}
-        jobs = [(c, c.units, dirs, kept[c][0], n) for c, dirs in self.pool.split([(c, names) for c in candidates])]
-        seen_cost = {c: kept[c][2]["sentences"] for c in candidates}
+        kept: dict[Candidate, _Decoded] = {c: self._raced.pop((es.context, c)) for c in candidates}
+        jobs = [(c, c.units, dirs, kept[c].seen, n) for c, dirs in self.pool.split([(c, names) for c in candidates])]
+        seen_cost = {c: kept[c].cost["sentences"] for c in candidates}
         for c, part in self.pool.sentence_stats(jobs, n):
-            _add_part(part, kept[c][1], kept[c][2])
+            _add_part(part, kept[c].hyps, kept[c].cost)
         out = []
         for c in candidates:
-            _, hyps, k = kept[c]
-            out.append(self.record(c, self._full_result(c, hyps, k, es, names), es, strategy))
+            out.append(self.record(c, self._full_result(c, kept[c].hyps, kept[c].cost, es, names), es, strategy))
             self.budget.sentences -= seen_cost[c]  # counted when its partial evaluation was stored
         return out
 

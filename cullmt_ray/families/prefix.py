@@ -39,13 +39,12 @@ class PrefixStates(TensorCache):
         return h.hexdigest()
 
     def longest(self, batch: str, kept: tuple[int, ...]) -> list[tuple]:
-        """The kept states of the longest prefix of ``kept`` run before on ``batch``, one per layer."""
-        for j in range(len(kept), 0, -1):
-            if (batch, kept[:j]) in self.items:
-                states = [self.find((batch, kept[:i])) for i in range(1, j + 1)]
-                if all(s is not None for s in states):
-                    return states
-        return []
+        """The kept states of the longest prefix of ``kept`` run before on ``batch`` (every shorter one kept too),
+        one per layer."""
+        states = []
+        while len(states) < len(kept) and (s := self.find((batch, kept[: len(states) + 1]))) is not None:
+            states.append(s)
+        return states
 
 
 class _Replay(nn.Module):
