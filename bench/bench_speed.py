@@ -13,11 +13,12 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
 - ``states``: what the states at layer boundaries buy (``cullmt_ray/families/prefix.py``): greedy's first step
   on two replicas in the pool's order, with and without them (interleaved, same outputs).
 - ``demo``: README command 1 (``cullmt-ray search``, the embedded default): wall time, answer.
+- ``bf16``: the greedy loop in bf16 vs fp32 on this CPU (a demo candidate), and whether bf16 rows stay exact.
 - ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
   no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
   decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
   GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
-    python bench/bench_speed.py [--parts greedy,candidate,states,demo,scale]
+    python bench/bench_speed.py [--parts greedy,candidate,states,demo,bf16,scale]
 """
 
 from __future__ import annotations
@@ -272,6 +273,56 @@ def part_demo(args) -> dict:
     return {"demo": {"command": "cullmt-ray search (README command 1, models already installed)", **out,
                      "target_seconds": 120, "target_met": out["wall_seconds"] <= 120,
                      "same_answer": out["final"] == ["enc.1", "enc.3", "enc.5"]}}
+
+
+def part_bf16(args) -> dict:
+    """What bf16 on this CPU would buy the greedy loop, and whether it keeps its exactness: one demo candidate
+    (100 sentences x 6 English-centric directions, shared batches, 1 thread) decoded by the loop in fp32 and in
+    bf16 (the loop forced on for bf16, which cullmt-ray does not do), best of ``--repeats``; and how many bf16
+    outputs of the loop equal bf16 ``generate``'s per direction (rows exact, as racing and the store assume) and
+    fp32's."""
+    import torch
+
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.families import load_family
+
+    torch.set_num_threads(1)
+    dev = load_devset("builtin:demo")
+    jobs = [(list(dev.lines[s][: args.sentences]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
+    cpu = {f: bool(getattr(torch.cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")}
+    out = {"cpu": cpu, "sentences": sum(len(j[0]) for j in jobs)}
+    for model in args.models.split(","):
+        res, hyps = {}, {}
+        for dtype in ("float32", "bfloat16"):
+            fam = load_family(ModelConfig(model, dtype=dtype))
+            fam._greedy_here = lambda: True  # the loop in bf16 too, for this measurement only
+            units = [fam.units()[3]]
+            with fam.apply(units):
+                fam.translate_many(jobs[:1], Decoding())  # warm
+                seconds = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    hyps[dtype] = fam.translate_many(jobs, Decoding())
+                    seconds.append(time.perf_counter() - t)
+                res[f"{dtype}_loop_seconds"] = round(min(seconds), 3)
+                if dtype == "bfloat16":
+                    fam.fast_greedy = False  # bf16 generate, one direction at a time in plain batches
+                    gen = [fam.translate(*j, Decoding()) for j in jobs]
+            if dtype == "bfloat16":  # the unpruned model too: exactness in bf16 varies with the numbers
+                fam.fast_greedy = True
+                loop_full = fam.translate_many(jobs, Decoding())
+                fam.fast_greedy = False
+                gen_full = [fam.translate(*j, Decoding()) for j in jobs]
+            del fam
+        same = lambda a, b: sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))  # noqa: E731
+        res.update(candidate="+".join(units), bf16_over_fp32=round(res["bfloat16_loop_seconds"] / res["float32_loop_seconds"], 3),
+                   bf16_loop_equals_bf16_generate=f"{same(hyps['bfloat16'], gen)}/{out['sentences']}",
+                   bf16_loop_equals_bf16_generate_unpruned=f"{same(loop_full, gen_full)}/{out['sentences']}",
+                   bf16_equals_fp32=f"{same(hyps['bfloat16'], hyps['float32'])}/{out['sentences']}")
+        out[model.split(":")[-1]] = res
+        print("bf16", model, res, flush=True)
+    return {"bf16": out}
 
 
 # ----------------------------------------------------------------------------- scale

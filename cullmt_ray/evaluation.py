@@ -42,12 +42,14 @@ class _Left(NamedTuple):
 
 
 class _Decoded(NamedTuple):
-    """What a raced-out candidate decoded in its race: the first ``seen`` sentences per direction (hypotheses per
-    direction, cost), kept so that completing the front decodes only the rest (:meth:`EvaluationService.complete_front`)."""
+    """What a raced-out candidate decoded in its race: the first ``seen`` sentences per direction (hypotheses and
+    sentence statistics per direction, cost), kept so that completing the front decodes only the rest
+    (:meth:`EvaluationService.complete_front`)."""
 
     seen: int
     hyps: dict
     cost: dict
+    stats: dict
 
 
 def _add_part(part: dict, hyps: dict, cost: dict, stats: dict | None = None) -> None:
@@ -61,6 +63,15 @@ def _add_part(part: dict, hyps: dict, cost: dict, stats: dict | None = None) -> 
     cost["seconds"] += part["seconds"]
     cost["actors"].add(part["actor"])
     cost["params"], cost["bytes"] = part["params"], part["bytes"]
+
+
+def _sacre(es: "EvalSet"):
+    """The sacrebleu metric object that scores summed statistics of ``es``'s metric, where it is not BLEU."""
+    if es.metric.name in ("spbleu", "bleu"):
+        return None
+    from sacrebleu.metrics import CHRF
+
+    return CHRF(word_order=2)
 
 
 class RunError(RuntimeError):
@@ -108,8 +119,13 @@ class EvaluationService:
     racing: bool = False  # greedy/beam steps race (SearchConfig.races)
     race_log: list[dict] = field(default_factory=list)  # one entry per raced step (search.racing)
     _scorer: object = None  # the driver's Scorer for race survivors (built on first use)
-    # (context, candidate) -> (sentences seen, hypotheses per direction, cost) of this run's raced-out candidates
+    # (context, candidate) -> what this run's raced-out candidates decoded (_Decoded)
     _raced: dict = field(default_factory=dict)
+    # (context, candidate) -> sentence statistics per direction of this run's full evaluations decoded in races
+    # (paired references when completing the front)
+    _stats: dict = field(default_factory=dict)
+    # raced-out candidates that completing the front stopped as clearly off it (one dict each; run.json)
+    front_closed: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         import socket
@@ -294,11 +310,7 @@ class EvaluationService:
             return [done[c] for c in candidates]
         n = es.limit or len(self.devset)
         names = [tuple(d) for d in es.directions]
-        sacre = None
-        if es.metric.name not in ("spbleu", "bleu"):
-            from sacrebleu.metrics import CHRF
-
-            sacre = CHRF(word_order=2)
+        sacre = _sacre(es)
         stats = {c: {d: [] for d in names} for c in todo}
         hyps = {c: {d: [] for d in names} for c in todo}
         cost = {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in todo}
@@ -326,6 +338,7 @@ class EvaluationService:
                 out[c] = full_hit[c]
                 continue
             out[c] = self.record(c, self._full_result(c, hyps[c], cost[c], es, names), es, strategy)
+            self._keep(self._stats, (es.context, c), stats[c])
 
         def bound(c: Candidate) -> float:
             """An upper bound of ``c``'s full score: the full score of the one it lost to (or that one's bound)
@@ -349,9 +362,7 @@ class EvaluationService:
             out[c] = dataclasses.replace(ev, partial=True)
             self.store.release(es.context, c, self.owner)
             if not race_hit[c]:  # what it decoded, should the front need its full score (complete_front)
-                self._raced[es.context, c] = _Decoded(lc.seen, hyps[c], cost[c])
-                while len(self._raced) > RACED_KEPT:  # bounded: the oldest go (they are decoded anew if needed)
-                    self._raced.pop(next(iter(self._raced)))
+                self._keep(self._raced, (es.context, c), _Decoded(lc.seen, hyps[c], cost[c], stats[c]))
         self.budget.requested += len(candidates) * n * len(names)
         self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
                               "decoded_sentences": sum(k["sentences"] for k in cost.values()),
@@ -390,42 +401,91 @@ class EvaluationService:
 
     def complete_front(self, es: EvalSet, strategy: str) -> list[Evaluation]:
         """Score in full the raced-out candidates of ``es`` that could be on its Pareto front (no full evaluation
-        of at most their size reaches their upper bound, see :meth:`evaluate_raced`; none stored: no bound), the
-        highest bounds first, one per actor at a time, until none is left: the front of a raced search is then
-        plain greedy's. A candidate that left a race of this run decodes only the sentences it did not see.
-        Returns the evaluations it computed."""
+        of at most their size reaches their upper bound, see :meth:`evaluate_raced`; none stored: no bound), until
+        none is left: the front of a raced search is then plain greedy's. Those that left a race of this run race
+        on from the sentences they saw (:meth:`_race_to_front`) and stop once clearly off the front; the others
+        (a resumed run's) are scored in full. The highest bounds go first, one per actor at a time, so that the
+        full scores they reach rule out the rest by their bounds alone. Returns the evaluations it computed."""
         race = self._race_context(es)
         m = es.metric.name
         done: list[Evaluation] = []
         while True:
             full = list(self.store.evaluations(es.context))
             have = {e.candidate for e in full}
+            closed = {Candidate.of(c["removed"]) for c in self.front_closed if c["context"] == es.context}
             bounds = [(p.metrics[m].get("upper", math.inf), p) for p in self.store.evaluations(race.context)
-                      if p.candidate not in have]
-            open_ = [(u, p) for u, p in bounds if not any(e.params <= p.params and e.score >= u for e in full)]
+                      if p.candidate not in have and p.candidate not in closed]
+            open_ = sorted(((u, p) for u, p in bounds if not any(e.params <= p.params and e.score >= u for e in full)),
+                           key=lambda up: -up[0])
             if not open_:
                 return done
-            todo = [p.candidate for _, p in sorted(open_, key=lambda up: -up[0])[: self.pool.size]]
-            log.info("racing: scoring %s in full (could be on the Pareto front)", "; ".join("+".join(c.units) for c in todo))
-            seen = [c for c in todo if (es.context, c) in self._raced]
-            done += self._finish_raced(seen, f"{strategy}:front", es)
-            done += self.evaluate([c for c in todo if c not in seen], f"{strategy}:front", es)
+            todo = [p for _, p in open_[: self.pool.size]]
+            log.info("racing: completing %s (could be on the Pareto front)", "; ".join("+".join(p.candidate.units) for p in todo))
+            kept = [p for p in todo if (es.context, p.candidate) in self._raced]
+            done += self._race_to_front(kept, full, f"{strategy}:front", es) if kept else []
+            done += self.evaluate([p.candidate for p in todo if p not in kept], f"{strategy}:front", es)
 
-    def _finish_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> list[Evaluation]:
-        """Full evaluations of candidates that left a race of this run: the sentences they did not see are decoded
-        (as the race decoded its chunks) and added to those they saw."""
+    def _race_to_front(self, partials: list[Evaluation], full: list[Evaluation], strategy: str,
+                       es: EvalSet) -> list[Evaluation]:
+        """Race raced-out candidates of this run on from the sentences they saw, chunk by chunk as a step races
+        (:func:`cullmt_ray.racing.next_stop`), against the front: after each chunk a candidate stops once a paired
+        bootstrap on the sentences seen (:func:`cullmt_ray.racing.off_front`, ``search.racing_confidence``) puts it
+        below another one of at most its size (racing on with it, or a full evaluation this run raced) or below
+        the best full score of at most its size; it is then off the front (``front_closed``). The rest reach the
+        end of the dev set: their full evaluations, stored and returned."""
+        import numpy as np
+
+        from .racing import corpus_score, next_stop, off_front
+
         n = es.limit or len(self.devset)
         names = [tuple(d) for d in es.directions]
-        kept: dict[Candidate, _Decoded] = {c: self._raced.pop((es.context, c)) for c in candidates}
-        jobs = [(c, c.units, dirs, kept[c].seen, n) for c, dirs in self.pool.split([(c, names) for c in candidates])]
-        seen_cost = {c: kept[c].cost["sentences"] for c in candidates}
-        for c, part in self.pool.sentence_stats(jobs, n):
-            _add_part(part, kept[c].hyps, kept[c].cost)
+        sacre, sc, m = _sacre(es), self.cfg.search, es.metric
+        kept: dict[Candidate, _Decoded] = {p.candidate: self._raced.pop((es.context, p.candidate)) for p in partials}
+        params = {e.candidate: e.params for e in [*full, *partials]}
+        refs = {e.candidate: self._stats[es.context, e.candidate] for e in full if (es.context, e.candidate) in self._stats}
+        seen = {c: k.seen for c, k in kept.items()}
+        counted = {c: k.cost["sentences"] for c, k in kept.items()}  # counted when its partial evaluation was stored
+        alive, rnd = list(kept), 0
+        while alive:
+            top = max(seen[c] for c in alive)
+            stop = top if any(seen[c] < top for c in alive) else next_stop(top, n, sc.racing_chunk)
+            jobs = [(c, c.units, dirs, seen[c], stop)
+                    for c, dirs in self.pool.split([(c, names) for c in alive if seen[c] < stop])]
+            for c, part in self.pool.sentence_stats(jobs, n):
+                _add_part(part, kept[c].hyps, kept[c].cost, kept[c].stats)
+            seen.update({c: stop for c in alive})
+            if stop >= n:
+                break
+            rnd += 1
+            now = {c: kept[c].stats for c in alive} | refs
+            for c in list(alive):
+                rivals = [r for r in now if r != c and params[r] <= params[c]]
+                line = max((e.score for e in full if e.params <= params[c]), default=None)
+                sub = {x: {d: np.asarray(now[x][d][:stop]) for d in names} for x in [c, *rivals]}
+                below = off_front(sub, names, m.name, line, sc.racing_confidence, seed=1000 + rnd, sacre=sacre)
+                if below is None:
+                    continue
+                alive.remove(c)
+                score = float(np.mean([float(corpus_score(m.name, sub[c][d].sum(axis=0), sacre)) for d in names]))
+                self.front_closed.append({"context": es.context, "removed": c.units, "seen": stop,
+                                          "score": m.rounded(score),
+                                          "below": below.units if isinstance(below, Candidate) else m.rounded(below)})
+                self.budget.sentences += kept[c].cost["sentences"] - counted[c]
+                log.info("racing: %s is off the Pareto front after %d sentences per direction (below %s)",
+                         "+".join(c.units) or "(none)", stop, "+".join(below.units) if isinstance(below, Candidate) else below)
         out = []
-        for c in candidates:
+        for c in alive:
             out.append(self.record(c, self._full_result(c, kept[c].hyps, kept[c].cost, es, names), es, strategy))
-            self.budget.sentences -= seen_cost[c]  # counted when its partial evaluation was stored
+            self.budget.sentences -= counted[c]
+            self._keep(self._stats, (es.context, c), kept[c].stats)
         return out
+
+    @staticmethod
+    def _keep(kept: dict, key, value) -> None:
+        """``kept[key] = value``, bounded: beyond ``RACED_KEPT`` entries the oldest go (decoded anew if needed)."""
+        kept[key] = value
+        while len(kept) > RACED_KEPT:
+            kept.pop(next(iter(kept)))
 
     def _full_result(self, c: Candidate, hyps: dict, cost: dict, es: EvalSet, names: list) -> dict:
         """A race survivor's full evaluation from its hypotheses, in the shape of a merged pool result."""

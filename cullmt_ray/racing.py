@@ -81,19 +81,7 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     in ask order, which breaks ties. Returns the point scores, who leaves the race now and an upper bound
     of each candidate's score."""
     cands = list(stats)
-    rng = np.random.default_rng(seed)
-    point = np.zeros(len(cands))
-    boot = np.zeros((samples, len(cands)))
-    for d in directions:
-        s = np.stack([np.asarray(stats[c][d], dtype=np.float64) for c in cands])  # (C, m, k)
-        m = s.shape[1]
-        point += corpus_score(metric_name, s.sum(axis=1), sacre)
-        draws = rng.integers(0, m, size=(samples, m))
-        weights = np.zeros((samples, m))
-        np.add.at(weights, (np.arange(samples)[:, None], draws), 1.0)
-        boot += corpus_score(metric_name, np.einsum("bm,cmk->bck", weights, s), sacre)
-    point /= len(directions)
-    boot /= len(directions)
+    point, boot = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
     order = sorted(range(len(cands)), key=lambda i: -point[i])  # stable: ask order breaks ties
     leaders = set(order[:keep])
     ref = order[min(keep, len(cands)) - 1]
@@ -109,3 +97,40 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     assert not leaders & {cands.index(c) for c in out}
     return RoundResult({c: float(point[i]) for i, c in enumerate(cands)}, out,
                        {c: float(np.quantile(boot[:, i], confidence)) for i, c in enumerate(cands)}, margin)
+
+
+def _bootstrap(stats: dict, directions: list, metric_name: str, samples: int, seed: int,
+               sacre=None) -> tuple[np.ndarray, np.ndarray]:
+    """Point scores ``(C,)`` and paired bootstrap scores ``(samples, C)`` of ``stats`` (as :func:`race_round`'s), in
+    the order of its candidates: each draw resamples the seen sentences of every direction, the same for all."""
+    cands = list(stats)
+    rng = np.random.default_rng(seed)
+    point = np.zeros(len(cands))
+    boot = np.zeros((samples, len(cands)))
+    for d in directions:
+        s = np.stack([np.asarray(stats[c][d], dtype=np.float64) for c in cands])  # (C, m, k)
+        m = s.shape[1]
+        point += corpus_score(metric_name, s.sum(axis=1), sacre)
+        draws = rng.integers(0, m, size=(samples, m))
+        weights = np.zeros((samples, m))
+        np.add.at(weights, (np.arange(samples)[:, None], draws), 1.0)
+        boot += corpus_score(metric_name, np.einsum("bm,cmk->bck", weights, s), sacre)
+    return point / len(directions), boot / len(directions)
+
+
+def off_front(stats: dict, directions: list, metric_name: str, line: float | None = None,
+              confidence: float = 0.99, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, sacre=None):
+    """Whether the first candidate of ``stats`` (``stats[candidate][direction]``, seen sentences, the same for all)
+    is, with ``confidence``, below one of the others (paired bootstrap: its score reaches theirs in fewer than
+    ``1 - confidence`` of the draws) or below ``line`` (a full score it must beat): the candidate (key) or the line
+    (float) it is below, else None. Completing a raced search's Pareto front (:meth:`EvaluationService.complete_front`) stops a
+    candidate this way when the others are no larger."""
+    cands = list(stats)
+    point, boot = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
+    alpha = 1.0 - confidence
+    for j, other in enumerate(cands[1:], start=1):
+        if np.mean(boot[:, 0] >= boot[:, j]) < alpha:
+            return other
+    if line is not None and np.mean(boot[:, 0] >= line) < alpha:
+        return float(line)
+    return None

@@ -60,7 +60,9 @@ def run_search(cfg: SearchRunConfig, run_dir: Path | None = None, accept_config_
                        files={**{k: str(v.relative_to(session.run_dir)) for k, v in files.items()},
                               "report": "report.html", "sensitivity": "sensitivity.csv"},
                        **({"racing": session.service.race_log,
-                            "racing_front_completed": [e.candidate.units for e in front_completed]}
+                            "racing_front_completed": [e.candidate.units for e in front_completed],
+                            "racing_front_closed": [{k: v for k, v in c.items() if k != "context"}
+                                                    for c in session.service.front_closed]}
                           if session.service.racing else {}))
         write_report(session.run_dir, session.store, title)
         b = session.service.budget

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cullmt_ray.racing import bleu_from_stats, next_stop, race_round
+from cullmt_ray.racing import bleu_from_stats, next_stop, off_front, race_round
 
 from .conftest import search_config, write_self_reference_devset
 
@@ -69,6 +69,22 @@ def test_race_round_drops_only_the_clearly_worse():
     assert res.scores["close"] <= res.upper["close"] <= 100.0 and res.upper["a"] == pytest.approx(100.0)
     res = race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu")
     assert res.scores["bad"] <= res.upper["bad"] < res.scores["a"]  # every sentence alike: no spread
+
+
+def test_off_front_needs_a_clear_paired_gap_or_a_line_above():
+    rng = np.random.default_rng(3)
+    good = np.tile([20, 20, 20, 19, 18, 17, 20, 19, 18, 17], (40, 1))
+    noisy = good.copy()
+    noisy[:, 2:6] = (noisy[:, 2:6] * rng.uniform(0.55, 1.0, size=(40, 1))).astype(int)  # sentences of mixed quality
+    worse = noisy.copy()
+    worse[:, 2:6] = (worse[:, 2:6] * 0.8).astype(int)  # the same sentences, each a little worse: paired, clear
+    d = ("eng_Latn", "deu_Latn")
+    assert off_front({"w": {d: worse}, "n": {d: noisy}}, [d], "spbleu") == "n"
+    assert off_front({"n": {d: noisy}, "w": {d: worse}}, [d], "spbleu") is None  # ahead of the other: on
+    assert off_front({"n": {d: noisy}, "twin": {d: noisy.copy()}}, [d], "spbleu") is None  # a tie is no gap
+    point = float(bleu_from_stats(noisy.sum(axis=0)))
+    assert off_front({"n": {d: noisy}}, [d], "spbleu", line=point + 30) == point + 30  # far below a full score
+    assert off_front({"n": {d: noisy}}, [d], "spbleu", line=point) is None  # at it: not clearly below
 
 
 
@@ -189,11 +205,54 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
         raced = [c for c in store.contexts() if "raced" in store.context_description(c)]
         assert raced and full & {e.candidate for e in store.evaluations(raced[0])} == completed
         assert all(e.sentences == len(demo_sources) for e in store.evaluations(race_info["context"]))
-        # every raced-out candidate left partial is dominated by a full evaluation even at its upper bound
+        # every raced-out candidate left partial is dominated by a full evaluation even at its upper bound, or was
+        # stopped on its way to the front, below one no larger than it
         fulls = list(store.evaluations(race_info["context"]))
+        closed = {Candidate.of(c["removed"]): c for c in race_info["racing_front_closed"]}
         for p in store.evaluations(raced[0]):
-            if p.candidate not in completed:
+            if p.candidate not in completed | set(closed):
                 assert any(e.params <= p.params and e.score >= p.metrics["spbleu"]["upper"] for e in fulls), p
+    # ... rightly: plain greedy scored every candidate of every step in full
+    with ResultStore(tmp_path / "plain" / "store.sqlite") as store:
+        plain_full = {e.candidate: e for e in store.evaluations(plain_info["context"])}
+    for c, why in closed.items():
+        assert why["seen"] < len(demo_sources)
+        below = plain_full[Candidate.of(why["below"])].score if isinstance(why["below"], list) else why["below"]
+        assert plain_full[c].score < below, (c, why)
+    print("closed on the way to the front:", closed)
+
+
+def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_cluster, tiny_encdec, tmp_path):
+    """A raced-out candidate the front might need races on from the sentences it saw and stops as soon as it is
+    clearly below a full evaluation of at most its size; rightly: its full score is below that one's."""
+    from cullmt_ray.candidate import Candidate
+    from cullmt_ray.session import open_session
+
+    from cullmt_ray.data import load_devset
+
+    sources = list(load_devset("builtin:demo").lines["eng_Latn"][:48])
+    dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", sources)
+    cfg = search_config(tmp_path, tiny_encdec, dev, search__racing_chunk=4)
+    small, twin, worse = Candidate.of(["enc.1", "dec.2"]), Candidate.of(["enc.1"]), Candidate.of(["enc.2", "dec.1"])
+    with open_session(cfg, "search") as s:
+        svc, es = s.service, s.calibration
+        assert svc.racing
+        # one step: two identities (every sentence as the full model's) and a real layer removed, raced out
+        got = dict(zip([small, twin, worse], svc.evaluate_raced([small, twin, worse], "greedy", es)))
+        assert not got[small].partial and not got[twin].partial and got[small].score == got[twin].score == 100.0
+        assert got[worse].partial and got[worse].sentences < len(sources)
+        assert got[small].params <= got[worse].params
+        raced = svc.store.get(svc._race_context(es).context, worse)
+        spent = svc.budget.sentences
+        assert svc._race_to_front([raced], [got[small], got[twin]], "greedy:front", es) == []  # stopped, not stored
+        (closed,) = svc.front_closed
+        assert closed["removed"] == worse.units and closed["below"] in (small.units, twin.units)
+        assert got[worse].sentences < closed["seen"] < len(sources)  # decoded on from where it left, not to the end
+        assert svc.budget.sentences == spent + closed["seen"] - got[worse].sentences
+        assert svc.store.get(es.context, worse) is None
+        (full,) = svc.evaluate([worse], "check", es)
+        assert full.score < 100.0  # below what it was found below
+    print("stopped:", closed)
 
 
 @pytest.fixture(scope="module")
