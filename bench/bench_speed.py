@@ -6,7 +6,7 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
   English-centric directions, threshold 2.0, 2 actors), fresh stores, in three variants: ``plain`` (HF generate,
   ``CULLMT_GREEDY_LOOP=0``, no racing: evaluation as before issue 15), ``loop`` (the greedy loop, no racing) and
   ``fast`` (the defaults: the loop and racing, front completed): wall ratios to plain, sentences decoded, same
-  final set, score, steps and Pareto front.
+  final set, score, steps and Pareto front; ``--rounds`` rounds in rotating order, ratios of the medians.
 - ``candidate``: one candidate (enc.1 + dec.4 removed, 48 sentences, 1 thread): cullmt-ray's route (the greedy
   loop, :mod:`cullmt_ray.families.greedy`) vs a naive ``deepcopy`` + delete + unsorted HF ``generate``, plus a
   decoder-only candidate with the encoder cache; and the route with the loop vs with HF ``generate``.
@@ -80,33 +80,49 @@ VARIANTS = {"plain": ({"CULLMT_GREEDY_LOOP": "0"}, ["search.racing=false"]),  # 
 
 
 def part_greedy(args) -> dict:
+    """``--rounds`` rounds of the three variants per model, in a rotating order (plain loop fast, loop fast plain,
+    ...) with a pause between searches, so that none always runs first on a quiet machine; the ratios are of the
+    median wall times (each round's runs are kept too)."""
     out = {}
     tmp = Path(tempfile.mkdtemp(prefix="cullmt-speed-"))
+    names = list(VARIANTS)
     try:
         for model in args.models.split(","):
             tag = model.split(":")[-1]
-            runs = {}
-            for name, (env, sets) in VARIANTS.items():
-                sets = [*sets, f"search.racing_chunk={args.chunk}"] if name == "fast" else sets
-                runs[name] = _search(model, tmp, f"{name}-{tag}", sets, args.sentences, env)
+            rounds: dict[str, list[dict]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    env, sets = VARIANTS[name]
+                    sets = [*sets, f"search.racing_chunk={args.chunk}"] if name == "fast" else sets
+                    time.sleep(args.pause)  # the last search's cluster gone, the load settled
+                    rounds[name].append(_search(model, tmp, f"{name}-{tag}-{r}", sets, args.sentences, env))
+            runs = {name: rounds[name][0] | {"wall_seconds": statistics.median(x["wall_seconds"] for x in rounds[name]),
+                                             "search_seconds": statistics.median(x["search_seconds"] for x in rounds[name]),
+                                             "wall_seconds_each": [x["wall_seconds"] for x in rounds[name]],
+                                             "loadavg_1min": [x["loadavg_1min"] for x in rounds[name]]}
+                    for name in names}
             plain = runs["plain"]
             res = dict(runs)
             for name in ("loop", "fast"):
                 r = runs[name]
+                same = [all(x[k] == plain[k] for x in rounds[name]) for k in ("final", "steps", "pareto_front")]
                 res[f"{name}_over_plain"] = {
                     "wall_ratio": round(r["wall_seconds"] / plain["wall_seconds"], 3),
+                    "wall_ratio_each_round": [round(x["wall_seconds"] / p["wall_seconds"], 3)
+                                              for x, p in zip(rounds[name], rounds["plain"])],
                     "search_ratio": round(r["search_seconds"] / plain["search_seconds"], 3),
                     "decoded_ratio": round(r["sentences_decoded"] / plain["sentences_decoded"], 3),
-                    "same_final": r["final"] == plain["final"],
-                    "same_score": abs(r["score"] - plain["score"]) < 1e-9,
-                    "same_steps": r["steps"] == plain["steps"],
-                    "same_pareto_front": r["pareto_front"] == plain["pareto_front"],
-                    "same_decision_every_step": [a[0] for a in r["steps"]] == [b[0] for b in plain["steps"]]}
+                    "same_final": same[0],
+                    "same_score": all(abs(x["score"] - plain["score"]) < 1e-9 for x in rounds[name]),
+                    "same_steps": same[1],
+                    "same_pareto_front": same[2],
+                    "same_decision_every_step": all([a[0] for a in x["steps"]] == [b[0] for b in plain["steps"]]
+                                                    for x in rounds[name])}
             out[tag] = res
             print(tag, {k: v for k, v in res.items() if k not in VARIANTS}, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"greedy": {"sentences": args.sentences, "racing_chunk": args.chunk, "confidence": 0.99,
+    return {"greedy": {"sentences": args.sentences, "racing_chunk": args.chunk, "confidence": 0.99, "rounds": args.rounds,
                        "variants": {k: {"env": e, "set": v} for k, (e, v) in VARIANTS.items()},
                        "settings": "demo: 6 English-centric directions, threshold 2.0, 2 actors x 1 CPU", **out}}
 
@@ -519,6 +535,8 @@ def main() -> None:
     ap.add_argument("--parts", default="greedy,candidate,states,demo,scale")
     ap.add_argument("--models", default="reference:dense,reference:llama")
     ap.add_argument("--chunk", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="greedy: rounds of the three variants (median wall)")
+    ap.add_argument("--pause", type=float, default=10.0, help="greedy: seconds between searches")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 decode measurement")
