@@ -337,7 +337,7 @@ class EvaluationService:
                 self.budget.cached += 1
                 out[c] = full_hit[c]
                 continue
-            out[c] = self.record(c, self._full_result(c, hyps[c], cost[c], es, names), es, strategy)
+            out[c] = self.record(c, self._full_result(hyps[c], stats[c], cost[c], es, names), es, strategy)
             self._keep(self._stats, (es.context, c), stats[c])
 
         def bound(c: Candidate) -> float:
@@ -475,7 +475,7 @@ class EvaluationService:
                          "+".join(c.units) or "(none)", stop, "+".join(below.units) if isinstance(below, Candidate) else below)
         out = []
         for c in alive:
-            out.append(self.record(c, self._full_result(c, kept[c].hyps, kept[c].cost, es, names), es, strategy))
+            out.append(self.record(c, self._full_result(kept[c].hyps, kept[c].stats, kept[c].cost, es, names), es, strategy))
             self.budget.sentences -= counted[c]
             self._keep(self._stats, (es.context, c), kept[c].stats)
         return out
@@ -487,8 +487,10 @@ class EvaluationService:
         while len(kept) > RACED_KEPT:
             kept.pop(next(iter(kept)))
 
-    def _full_result(self, c: Candidate, hyps: dict, cost: dict, es: EvalSet, names: list) -> dict:
-        """A race survivor's full evaluation from its hypotheses, in the shape of a merged pool result."""
+    def _full_result(self, hyps: dict, stats: dict, cost: dict, es: EvalSet, names: list) -> dict:
+        """A race survivor's full evaluation from its hypotheses and the primary metric's sentence statistics (per
+        direction), in the shape of a merged pool result: every metric scored as the actors score it (the primary
+        from its summed statistics, the others with the references' n-grams extracted once per direction)."""
         from .metrics import Scorer
 
         if self._scorer is None:
@@ -496,7 +498,8 @@ class EvaluationService:
         n = es.limit or len(self.devset)
         metrics: dict[str, dict[str, float]] = {}
         for d in sorted(names, key="-".join):
-            scores = self._scorer.score(hyps[d], list(self.devset.lines[d[1]][:n]))
+            scores = self._scorer.score(hyps[d], list(self.devset.lines[d[1]][:n]), key=(d, n),
+                                        stats={es.metric.name: stats[d]})
             for name, v in scores.items():
                 metrics.setdefault(name, {})["-".join(d)] = v
         for name, per in metrics.items():

@@ -18,6 +18,7 @@ from pathlib import Path
 import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers.tokenizer_base import BaseTokenizer
+from sacrebleu.utils import sum_of_lists
 
 REFERENCE_SPM = "reference"
 
@@ -107,12 +108,15 @@ class Scorer:
         unknown = [m for m in self.metrics if m not in DECODED]
         if unknown:
             raise MetricError(f"unknown metric {unknown[0]!r}: expected one of {', '.join(DECODED)}")
-        self._bleu = BLEU()
-        self._chrf = CHRF(word_order=2)
+        self._options = {"bleu": {}, "chrf++": {"word_order": 2}}  # what each metric is built with
+        self._with_refs: dict = {}  # (metric, refs key) -> the metric with those references cached (score(key=))
+        self._bleu = BLEU(**self._options["bleu"])
+        self._chrf = CHRF(**self._options["chrf++"])
         self._spbleu = None
         if "spbleu" in self.metrics:
             tok = resolve_spm(self.spm)
             if isinstance(tok, str):
+                self._options["spbleu"] = {"tokenize": tok}
                 self._spbleu = BLEU(tokenize=tok)
             else:
                 self._spbleu = BLEU(tokenize="none")
@@ -128,8 +132,24 @@ class Scorer:
         """sacrebleu signature string of each metric, e.g. ``nrefs:1|case:mixed|...|version:2.6.0``."""
         return {m: str(self._metric(m).get_signature()) for m in self.metrics}
 
-    def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
-        return {m: round(self._metric(m).corpus_score(hyps, [refs]).score, 4) for m in self.metrics}
+    def score(self, hyps: list[str], refs: list[str], key=None, stats: dict[str, list] | None = None) -> dict[str, float]:
+        """Corpus score of each metric, rounded. ``stats``: a metric's per-sentence statistics of ``hyps``, already
+        computed (:meth:`sentence_stats`): its score is that of their sum, as sacrebleu computes a corpus score.
+        ``key``: names ``refs`` (e.g. direction and sentence count), whose n-grams are then extracted once and
+        reused by later calls with the key (sacrebleu's cached references; not for a local-SPM spBLEU)."""
+        out = {}
+        for m in self.metrics:
+            metric = self._metric(m)
+            if stats is not None and m in stats:
+                score = metric._compute_score_from_stats(sum_of_lists(stats[m])).score
+            elif key is not None and not (m == "spbleu" and isinstance(metric.tokenizer, LocalSpmTokenizer)):
+                if (m, key) not in self._with_refs:
+                    self._with_refs[m, key] = type(metric)(**self._options[m], references=[refs])
+                score = self._with_refs[m, key].corpus_score(hyps, None).score
+            else:
+                score = metric.corpus_score(hyps, [refs]).score
+            out[m] = round(score, 4)
+        return out
 
     def sentence_stats(self, hyps: list[str], refs: list[str], metric: str) -> list[list[int]]:
         """Per-sentence sufficient statistics of ``metric`` (sacrebleu's); summed, they give the corpus

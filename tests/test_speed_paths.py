@@ -215,6 +215,8 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
     # ... rightly: plain greedy scored every candidate of every step in full
     with ResultStore(tmp_path / "plain" / "store.sqlite") as store:
         plain_full = {e.candidate: e for e in store.evaluations(plain_info["context"])}
+    # a race survivor's scores, every metric (summed statistics, cached references), are a full evaluation's
+    assert {e.candidate: e.metrics for e in fulls} == {c: plain_full[c].metrics for c in {e.candidate for e in fulls}}
     for c, why in closed.items():
         assert why["seen"] < len(demo_sources)
         below = plain_full[Candidate.of(why["below"])].score if isinstance(why["below"], list) else why["below"]
