@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -132,7 +133,8 @@ class Scorer:
         """sacrebleu signature string of each metric, e.g. ``nrefs:1|case:mixed|...|version:2.6.0``."""
         return {m: str(self._metric(m).get_signature()) for m in self.metrics}
 
-    def score(self, hyps: list[str], refs: list[str], key=None, stats: dict[str, list] | None = None) -> dict[str, float]:
+    def score(self, hyps: list[str], refs: list[str], key: Hashable | None = None,
+              stats: dict[str, list] | None = None) -> dict[str, float]:
         """Corpus score of each metric, rounded. ``stats``: a metric's per-sentence statistics of ``hyps``, already
         computed (:meth:`sentence_stats`): its score is that of their sum, as sacrebleu computes a corpus score.
         ``key``: names ``refs`` (e.g. direction and sentence count), whose n-grams are then extracted once and

@@ -87,8 +87,6 @@ def test_off_front_needs_a_clear_paired_gap_or_a_line_above():
     assert off_front({"n": {d: noisy}}, [d], "spbleu", line=point) is None  # at it: not clearly below
 
 
-
-
 @pytest.fixture(scope="module")
 def fam(tiny_encdec):
     from cullmt_ray.config import ModelConfig
@@ -221,16 +219,14 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
         assert why["seen"] < len(demo_sources)
         below = plain_full[Candidate.of(why["below"])].score if isinstance(why["below"], list) else why["below"]
         assert plain_full[c].score < below, (c, why)
-    print("closed on the way to the front:", closed)
 
 
 def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_cluster, tiny_encdec, tmp_path):
     """A raced-out candidate the front might need races on from the sentences it saw and stops as soon as it is
     clearly below a full evaluation of at most its size; rightly: its full score is below that one's."""
     from cullmt_ray.candidate import Candidate
-    from cullmt_ray.session import open_session
-
     from cullmt_ray.data import load_devset
+    from cullmt_ray.session import open_session
 
     sources = list(load_devset("builtin:demo").lines["eng_Latn"][:48])
     dev = write_self_reference_devset(tiny_encdec, tmp_path / "dev", sources)
@@ -254,7 +250,6 @@ def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_
         assert svc.store.get(es.context, worse) is None
         (full,) = svc.evaluate([worse], "check", es)
         assert full.score < 100.0  # below what it was found below
-    print("stopped:", closed)
 
 
 @pytest.fixture(scope="module")
