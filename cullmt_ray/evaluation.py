@@ -445,6 +445,8 @@ class EvaluationService:
         refs = {e.candidate: self._stats[es.context, e.candidate] for e in full if (es.context, e.candidate) in self._stats}
         seen = {c: k.seen for c, k in kept.items()}
         counted = {c: k.cost["sentences"] for c, k in kept.items()}  # counted when its partial evaluation was stored
+        # the best full score of at most each candidate's size: the line it must beat
+        lines = {c: max((e.score for e in full if e.params <= params[c]), default=None) for c in kept}
         alive, rnd = list(kept), 0
         while alive:
             top = max(seen[c] for c in alive)
@@ -460,19 +462,18 @@ class EvaluationService:
             now = {c: kept[c].stats for c in alive} | refs
             for c in list(alive):
                 rivals = [r for r in now if r != c and params[r] <= params[c]]
-                line = max((e.score for e in full if e.params <= params[c]), default=None)
                 sub = {x: {d: np.asarray(now[x][d][:stop]) for d in names} for x in [c, *rivals]}
-                below = off_front(sub, names, m.name, line, sc.racing_confidence, seed=1000 + rnd, sacre=sacre)
+                below = off_front(sub, names, m.name, lines[c], sc.racing_confidence, seed=1000 + rnd, sacre=sacre)
                 if below is None:
                     continue
                 alive.remove(c)
                 score = float(np.mean([float(corpus_score(m.name, sub[c][d].sum(axis=0), sacre)) for d in names]))
+                what = below.units if isinstance(below, Candidate) else m.rounded(below)
                 self.front_closed.append({"context": es.context, "removed": c.units, "seen": stop,
-                                          "score": m.rounded(score),
-                                          "below": below.units if isinstance(below, Candidate) else m.rounded(below)})
+                                          "score": m.rounded(score), "below": what})
                 self.budget.sentences += kept[c].cost["sentences"] - counted[c]
                 log.info("racing: %s is off the Pareto front after %d sentences per direction (below %s)",
-                         "+".join(c.units) or "(none)", stop, "+".join(below.units) if isinstance(below, Candidate) else below)
+                         "+".join(c.units), stop, "+".join(what) if isinstance(what, list) else what)
         out = []
         for c in alive:
             out.append(self.record(c, self._full_result(kept[c].hyps, kept[c].stats, kept[c].cost, es, names), es, strategy))

@@ -123,10 +123,10 @@ def off_front(stats: dict, directions: list, metric_name: str, line: float | Non
     """Whether the first candidate of ``stats`` (``stats[candidate][direction]``, seen sentences, the same for all)
     is, with ``confidence``, below one of the others (paired bootstrap: its score reaches theirs in fewer than
     ``1 - confidence`` of the draws) or below ``line`` (a full score it must beat): the candidate (key) or the line
-    (float) it is below, else None. Completing a raced search's Pareto front (:meth:`EvaluationService.complete_front`) stops a
-    candidate this way when the others are no larger."""
+    (float) it is below, else None. Completing a raced search's Pareto front
+    (:meth:`EvaluationService.complete_front`) stops a candidate this way when the others are no larger."""
     cands = list(stats)
-    point, boot = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
+    _, boot = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
     alpha = 1.0 - confidence
     for j, other in enumerate(cands[1:], start=1):
         if np.mean(boot[:, 0] >= boot[:, j]) < alpha:
