@@ -269,6 +269,20 @@ def place_actors(n: int, need: dict[str, float], placement: str = "spread") -> l
     return out
 
 
+# what each actor ran, remembered for placement (EvaluatorPool._spread): about what its caches of states hold
+RAN_BATCHES, RAN_KEPT = 64, 32  # sentence ranges, and prune sets per range
+
+
+def _common(a: tuple, b: tuple) -> int:
+    """The length of the common start of two tuples."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def prefix_order(jobs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     """``(candidate, ...)`` jobs with the candidates that remove later units first (their unit indices compared
     from the first removed unit on, larger first; other keys keep their place after them): a candidate run after
@@ -309,6 +323,8 @@ class EvaluatorPool:
                                            max_concurrency=1).remote(spec, self._devset_ref, settings, threads, name))
         self.info = ray.get([a.ready.remote() for a in self.actors])
         self.metric = settings.metric
+        self._units = list(self.info[0]["units"]) if self.info else []
+        self._ran: list[dict] = [{} for _ in self.actors]  # per actor: sentences -> units kept by its latest tasks on them
 
     @property
     def size(self) -> int:
@@ -333,22 +349,57 @@ class EvaluatorPool:
         for c, _ in tasks:
             parts_left[c] = parts_left.get(c, 0) + 1
         parts: dict[Candidate, list[dict]] = {}
-        calls = ((c, lambda a, c=c, d=d: getattr(a, method).remote(c.units, d, limit)) for c, d in tasks)
+        calls = ((c, lambda a, c=c, d=d: getattr(a, method).remote(c.units, d, limit), self._place(c.units, d, 0, limit))
+                 for c, d in tasks)
         for cand, part in self._spread(calls):
             parts.setdefault(cand, []).append(part)
             parts_left[cand] -= 1
             if parts_left[cand] == 0:
                 yield cand, merge_results(parts.pop(cand), metric)
 
-    def _spread(self, calls: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
-        """Run ``(key, actor -> ObjectRef)`` calls in order, one at a time per actor; yield ``(key, result)``
-        as they finish (every actor stays busy while calls are left)."""
-        pending = iter(calls)
+    def _place(self, removed: Iterable[str], directions, start: int, stop: int | None) -> tuple:
+        """A task's placement key: the sentences it decodes, and the units it keeps in model order. An actor keeps
+        states of what it decoded (the encoder's output per encoder set, a decoder-only model's prompt states per
+        run of first layers: :meth:`ModelFamily.keep_states`), so a task is worth most on the actor that ran a task
+        of the same sentences keeping the longest same run of first units."""
+        gone = set(removed)
+        return (tuple(map(tuple, directions)), start, stop), tuple(u for u in self._units if u not in gone)
+
+    def _shared(self, j: int, place: tuple) -> int:
+        """How many first units a task (:meth:`_place`) shares with the tasks of its sentences actor ``j`` ran."""
+        batch, kept = place
+        return max((_common(kept, k) for k in self._ran[j].get(batch, ())), default=0)
+
+    def _ran_on(self, j: int, place: tuple) -> None:
+        batch, kept = place
+        runs = self._ran[j].pop(batch, [])  # re-inserted: the batches least recently run are forgotten first
+        self._ran[j][batch] = (runs + [kept])[-RAN_KEPT:]
+        while len(self._ran[j]) > RAN_BATCHES:
+            self._ran[j].pop(next(iter(self._ran[j])))
+
+    def _spread(self, calls: Iterable[tuple]) -> Iterator[tuple[Any, Any]]:
+        """Run ``(key, actor -> ObjectRef[, placement key])`` calls, one at a time per actor; yield ``(key, result)``
+        as they finish (every actor stays busy while calls are left). A free actor takes the first call that shares
+        the most more first units with what it ran on the same sentences than with what any other actor ran
+        (:meth:`_place`): a greedy step's candidates then reuse the states their base set left on an actor. Calls
+        without a placement key run in order."""
+        pending = [c if len(c) > 2 else (*c, None) for c in calls]
+        n = len(self.actors)
+        shared = [[self._shared(j, c[2]) if c[2] is not None else 0 for j in range(n)] for c in pending]
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
-        free = list(range(len(self.actors)))
+        free = list(range(n))
         while True:
-            while free and (nxt := next(pending, None)) is not None:
+            while free and pending:
                 i = free.pop(0)
+                best = max(range(len(pending)), key=lambda k: (shared[k][i] - max((v for j, v in enumerate(shared[k]) if j != i),
+                                                                                  default=0), -k))
+                nxt = pending.pop(best)
+                shared.pop(best)
+                if nxt[2] is not None:
+                    self._ran_on(i, nxt[2])
+                    for k, c in enumerate(pending):  # what actor i now holds
+                        if c[2] is not None and c[2][0] == nxt[2][0]:
+                            shared[k][i] = max(shared[k][i], _common(c[2][1], nxt[2][1]))
                 running[nxt[1](self.actors[i])] = (i, nxt[0])
             if not running:
                 return
@@ -365,7 +416,8 @@ class EvaluatorPool:
         """Spread ``(key, removed, directions, start, stop)`` racing chunks of a race over the first ``horizon``
         sentences over the actors; yield ``(key, per-sentence statistics per direction)`` as they finish
         (:meth:`EvaluatorActor.sentence_stats`)."""
-        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon))
+        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon),
+                             self._place(removed, d, s, e))
                             for key, removed, d, s, e in jobs)
 
     def split(self, jobs: list[tuple[Any, list[Direction]]]) -> list[tuple[Any, list[Direction]]]:

@@ -83,3 +83,25 @@ def test_whole_candidate_tasks_score_as_direction_tasks(ray_cluster, tiny_encdec
             assert got[c]["sentences"] == 90
     finally:
         pool.shutdown()
+
+
+def test_a_step_candidate_runs_where_its_base_set_left_its_states(ray_cluster, tiny_llama):
+    """An actor keeps the states of what it decoded (prompt states per run of first layers): a free actor takes the
+    task sharing the most first layers with what it ran on the same sentences, so a greedy step's candidate that
+    keeps its base set's first layers runs where the base set ran, and the other actor takes one sharing least."""
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"]).subsample(8)
+    pool = EvaluatorPool(ModelConfig(str(tiny_llama)), ds, EvalSettings(spm="reference"), Resources(actors=2),
+                         run="placetest")
+    try:
+        dirs = [("eng_Latn", "deu_Latn")]
+        [(_, base)] = pool.sentence_stats([("base", ["layer.1"], dirs, 0, 4)], 8)
+        # the step's candidates, in an order that would put layer.0 (sharing no first layer) on the first free actor:
+        # layer.3 keeps the base set's first two layers (0 and 2), layer.2 one, layer.0 none
+        jobs = [(u, ["layer.1", u], dirs, 0, 4) for u in ("layer.0", "layer.2", "layer.3")]
+        got = dict(pool.sentence_stats(jobs, 8))
+        assert got["layer.3"]["actor"] == base["actor"] and got["layer.0"]["actor"] != base["actor"]
+        # other sentences: nothing kept anywhere, the calls run in order on the free actors
+        got = dict(pool.sentence_stats([(u, ["layer.1", u], dirs, 4, 8) for u in ("layer.0", "layer.3")], 8))
+        assert got["layer.0"]["actor"] == pool.names[0]
+    finally:
+        pool.shutdown()

@@ -123,9 +123,19 @@ def _encoder_cache_checks(fam, demo_sources, dec):
         if removed == ["dec.0"]:
             assert got == plain
     assert cache.hits >= 2 * 3 and cache.misses == 3  # 3 batches (5, 5, 2 sources)
-    with fam.apply(["enc.0"]):  # an encoder unit removed: the cache is bypassed
+    cache, fam.encoder_cache = fam.encoder_cache, None
+    try:
+        with fam.apply(["enc.0", "dec.1"]):
+            plain = fam.translate(demo_sources[:3], "eng_Latn", "deu_Latn", dec)
+    finally:
+        fam.encoder_cache = cache
+    with fam.apply(["enc.0"]):  # an encoder unit removed: that encoder's own entry
         fam.translate(demo_sources[:3], "eng_Latn", "deu_Latn", dec)
-    assert cache.misses == 3
+    assert cache.misses == 4
+    hits = cache.hits
+    with fam.apply(["enc.0", "dec.1"]):  # a decoder unit added to it (a greedy step's candidate): its encoder is shared
+        assert fam.translate(demo_sources[:3], "eng_Latn", "deu_Latn", dec) == plain
+    assert cache.misses == 4 and cache.hits == hits + 1
 
 
 def test_kl_cache_equals_recomputation(fam, tiny_llama, demo_sources):
@@ -352,6 +362,33 @@ def test_directions_share_batches_with_the_same_outputs(reference_families, mode
         for slack in (1, 8, 10**9):  # drop finished rows never until the batch ends / now and then / at once
             monkeypatch.setattr(greedy._Rows, "slack", slack)
             assert fam.translate_many(jobs, dec) == alone
+
+
+def test_directions_out_of_one_language_encode_each_source_once(reference_families):
+    """The rows of an N-way parallel dev set's directions out of one language share their source: the encoder runs
+    once per distinct source row, and every direction gets what it gets translated alone."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset
+
+    fam = reference_families["dense"]
+    dev = load_devset("builtin:demo")
+    dec = Decoding(batch_size=4, max_new_tokens=64)
+    jobs = [(list(dev.lines[s][:6]), s, t) for s, t in
+            (("eng_Latn", "deu_Latn"), ("eng_Latn", "fra_Latn"), ("eng_Latn", "ces_Latn"), ("deu_Latn", "eng_Latn"))]
+    rows: list[int] = []
+    hook = fam.model.get_encoder().register_forward_hook(lambda _m, _a, kw, _o: rows.append(kw["input_ids"].shape[0]),
+                                                         with_kwargs=True)
+    try:
+        with fam.apply(["enc.4", "dec.1"]):
+            fam.encoder_cache.clear()
+            got = fam.translate_many(jobs, dec)
+            encoded = sum(rows)
+            fam.encoder_cache.clear()
+            alone = [fam.translate(*job, dec) for job in jobs]
+    finally:
+        hook.remove()
+    assert got == alone and all(all(h) for h in got)
+    assert encoded == 12  # 6 English + 6 German sources for 24 rows
 
 
 def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_families):

@@ -111,12 +111,14 @@ class DecoderOnlyFamily(ModelFamily):
 
     def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
         ids, mask = self._prompt_ids(rows)
+        groups = [(src, source) for source, src, _ in rows]  # one source into several languages: a shared prompt start
         prefill = None
         if self.prefix_states is not None:
             kept = tuple(i for i in range(self._layer_count) if f"layer.{i}" not in self.removed)
-            stack, batch = self.stacks[0], PrefixStates.batch_key(ids, mask)
+            stack, batch = self.stacks[0], PrefixStates.batch_key(ids, mask) + f"|{len(set(groups))}"
             prefill = functools.partial(shared_prefill, stack.owner, stack.attr, self.prefix_states, batch, kept)
-        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits, prefill))
+        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits, prefill,
+                                               groups))
 
     def _greedy_config(self, decoding: Decoding):
         """The generation config the greedy loop decodes with, or None where it does not apply (beams, a

@@ -18,8 +18,9 @@ _NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
 
 class EncoderDecoderFamily(ModelFamily):
     name = "encdec"
-    # Candidates that remove only decoder units share the full encoder's output: it is computed once
-    # per batch of sources and reused (bounded LRU; None turns the cache off, e.g. for MoE gate statistics).
+    # Candidates that remove the same encoder units (none, or a greedy step's base set) share the encoder's
+    # output: it is computed once per batch of sources and encoder units removed, and reused (bounded LRU;
+    # None turns the cache off, e.g. for MoE gate statistics).
     encoder_cache_mib: ClassVar[float | None] = 256.0
     # Greedy decoding (num_beams 1) runs greedy.greedy_encdec: generate's tokens, finished rows dropped.
     fast_greedy: ClassVar[bool] = True
@@ -29,8 +30,9 @@ class EncoderDecoderFamily(ModelFamily):
         self.encoder_cache: TensorCache | None = None  # see keep_states
 
     def keep_states(self) -> None:
-        """The full encoder's output, reused by prune sets without encoder units. (Replaying the states at encoder
-        layer boundaries as the decoder-only family replays its prompt's bought 1% of a step: not kept.)"""
+        """The encoder's output, reused by prune sets that remove the same encoder units (:meth:`_encoder_key`).
+        (Replaying the states at encoder layer boundaries as the decoder-only family replays its prompt's bought 1%
+        of a step: not kept.)"""
         if self.encoder_cache_mib:
             self.encoder_cache = TensorCache(self.encoder_cache_mib)
 
@@ -87,8 +89,8 @@ class EncoderDecoderFamily(ModelFamily):
         enc = self.tokenizer(sources, return_tensors="pt", padding=True).to(self.device)
         budget = min(decoding.max_new_tokens, int(enc["input_ids"].shape[1] * 2) + 10)
         extra = {}
-        if self._encoder_cached():
-            hit = self.encoder_cache.get((src_key, tuple(sources)), lambda: self._encode(enc))
+        if self.encoder_cache is not None:
+            hit = self.encoder_cache.get((self._encoder_key(), src_key, tuple(sources)), lambda: self._encode(enc))
             extra["encoder_outputs"] = type(hit)(last_hidden_state=hit.last_hidden_state)  # generate expands it for beams
         gen = self.model.generate(**enc, forced_bos_token_id=tgt_id, num_beams=decoding.num_beams,
                                   max_new_tokens=budget, do_sample=False, **extra)
@@ -106,18 +108,21 @@ class EncoderDecoderFamily(ModelFamily):
                 ids[i] = row
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
         tgt_ids = [langs[tgt][1] for _, _, tgt in rows]
-        encoder_outputs = None
-        if self._encoder_cached():
-            encoder_outputs = self.encoder_cache.get(tuple(zip(keys, (r[0] for r in rows))), lambda: self._encode(enc))
+        encoder_outputs = None  # without the cache (MoE gate statistics count every router call): computed in the loop
+        if self.encoder_cache is not None:
+            sources = tuple(zip(keys, (r[0] for r in rows)))
+            encoder_outputs = self.encoder_cache.get((self._encoder_key(), sources), lambda: self._encode(enc, sources))
         gc = self._greedy_config(tgt_ids[0], decoding)
         start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
         out = greedy_encdec(self.model, enc["input_ids"], enc["attention_mask"], gc, limits, encoder_outputs,
                             forced_bos=torch.tensor(tgt_ids, device=self.device))
         return tok.batch_decode([[start, *r] for r in out], skip_special_tokens=True)
 
-    def _encoder_cached(self) -> bool:
-        """Whether the full encoder's output may be reused: the cache is on and no encoder unit is removed."""
-        return self.encoder_cache is not None and not any(u.startswith("enc.") for u in self.removed)
+    def _encoder_key(self) -> tuple[str, ...]:
+        """What the encoder's output depends on besides its input: the encoder units removed. Candidates that remove
+        only decoder units share the full encoder's output, and the candidates of a greedy or beam step that add a
+        decoder unit to a base set share the base set's encoder."""
+        return tuple(sorted(u for u in self.removed if u.startswith("enc.")))
 
     def _greedy_config(self, tgt_id: int, decoding: Decoding):
         """The generation config the greedy loop decodes with, or None where it does not apply (beams, a
@@ -134,10 +139,21 @@ class EncoderDecoderFamily(ModelFamily):
         self.tokenizer.src_lang, _ = self.lang_token(src)
         return [len(ids) for ids in self.tokenizer(sources)["input_ids"]]
 
-    def _encode(self, enc: dict):
-        """The full encoder's output for a tokenized batch (what ``generate`` would compute first)."""
-        return self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                        return_dict=True)
+    def _encode(self, enc: dict, sources: tuple | None = None):
+        """The encoder's output for a tokenized batch (what ``generate`` would compute first). ``sources``: each row's
+        ``(source language, text)``; rows with the same one (the directions out of one language of an N-way
+        parallel dev set) are encoded once and their output copied: a row's output does not depend on the rows
+        it is encoded with (the greedy loop relies on that too)."""
+        encoder = self.model.get_encoder()
+        first: dict = {}
+        which = [first.setdefault(s, i) for i, s in enumerate(sources)] if sources is not None else []
+        if sources is None or len(first) == len(sources):
+            return encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], return_dict=True)
+        rows = torch.tensor(list(first.values()), device=enc["input_ids"].device)
+        out = encoder(input_ids=enc["input_ids"][rows], attention_mask=enc["attention_mask"][rows], return_dict=True)
+        slot = {i: k for k, i in enumerate(first.values())}
+        out.last_hidden_state = out.last_hidden_state[torch.tensor([slot[i] for i in which], device=rows.device)]
+        return out
 
     def teacher_forced(self, sources: list[str], targets: list[str], src: str, tgt: str) -> tuple[dict, torch.Tensor]:
         """Model inputs that score ``targets`` given ``sources``, and the mask of target positions."""

@@ -229,24 +229,98 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return rows.tokens
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a padded batch: each row counts its own tokens (0 at padding), as ``generate`` does."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _stems(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list) -> tuple[list[int], list[int]]:
+    """Per row, its stem (the index of the first row of its group) and how many of its prompt tokens that stem
+    holds: the tokens every prompt of the group starts with, and never a row's last token (its logits pick the
+    first new token)."""
+    rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+    first: dict = {}
+    stem = [first.setdefault(g, i) for i, g in enumerate(groups)]
+    common: dict[int, int] = {}
+    for i, s in enumerate(stem):
+        a, b, n = rows[i], rows[s], common.get(s, len(rows[s]) - 1)
+        k = 0
+        while k < min(n, len(a) - 1) and a[k] == b[k]:
+            k += 1
+        common[s] = k
+    return stem, [common[s] for s in stem]
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw):
+    """The prompt pass with rows of a group sharing their common first tokens (:func:`_stems`): the stems run
+    once (with ``prefill``), each row's keys/values of its stem are copied into ``cache``, and the rows' own
+    remaining tokens run after them (padding between the stem and them where the rows' rests differ in length).
+    Every token keeps its position and attends to the same tokens as in the plain prompt pass, so the numbers are
+    its numbers: (last logits, the attention mask of the cached tokens, the next positions); None when no two rows
+    share a stem."""
+    stem, held = _stems(input_ids, attention_mask, groups)
+    if len(set(stem)) == len(stem):
+        return None
+    device = input_ids.device
+    rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+    pad = 0  # any id: padding is masked
+    order = list(dict.fromkeys(stem))
+    slot = {s: k for k, s in enumerate(order)}
+    stem_ids, stem_mask = _left_pad([rows[s][: held[s]] for s in order], pad, device)
+    stem_cache = _self_attention_cache(model.config.get_text_config(decoder=True))
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    with prefill(stem_cache) if prefill is not None else contextlib.nullcontext():
+        inner(input_ids=stem_ids, attention_mask=stem_mask, position_ids=_positions(stem_mask), cache=stem_cache,
+              use_cache=True, return_dict=True)
+    which = torch.tensor([slot[s] for s in stem], device=device)
+    for i, layer in enumerate(stem_cache.layers):
+        cache.layers[i].update(layer.keys[which], layer.values[which])
+    rest_ids, rest_mask = _left_pad([r[held[i]:] for i, r in enumerate(rows)], pad, device)
+    mask = torch.cat([stem_mask[which], rest_mask], dim=-1)
+    pos = _positions(mask)[:, stem_ids.shape[1]:]
+    out = model(input_ids=rest_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                return_dict=True, **kw)
+    return out.logits[:, -1], mask, pos[:, -1:] + 1
+
+
 @torch.inference_mode()
 def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
-                  limits: list[int], prefill=None) -> list[list[int]]:
+                  limits: list[int], prefill=None, groups: list | None = None) -> list[list[int]]:
     """Greedy continuation tokens of a decoder-only model for a left-padded batch of prompts: ``generate``'s
     new tokens with ``max_new_tokens=limits[i]`` for row ``i``, without padding after EOS. ``prefill(cache)``:
-    a context for the prompt pass (e.g. :func:`cullmt_ray.families.prefix.shared_prefill`)."""
+    a context for the prompt pass (e.g. :func:`cullmt_ray.families.prefix.shared_prefill`). ``groups``: a key per
+    row; the prompts of rows with the same key (one source translated into several languages) share their first
+    tokens, which the prompt pass then computes once (:func:`_shared_prompts`)."""
     device = input_ids.device
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    position_ids = position_ids.masked_fill(attention_mask == 0, 0)
+    position_ids = _positions(attention_mask)
     mask = None if bool((attention_mask == 1).all()) else attention_mask  # generate drops an all-ones mask
     cache = _self_attention_cache(model.config.get_text_config(decoder=True))
     rows = _Rows(limits, device)
     cur, pos = input_ids, position_ids
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    shared = _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw) \
+        if groups is not None and len(set(groups)) < len(groups) and all(type(x) is _GrowingLayer for x in cache.layers) else None
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
+        if step == 0 and shared is not None:
+            logits, mask, last = shared
+            nxt = _pick(logits, eos, forced_eos, at_limit)
+            kept = rows.advance(nxt, eos, step, cache, nxt, last, mask)
+            if kept is None:
+                break
+            nxt, last, mask = kept
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            cur, pos = nxt[:, None], last
+            continue
         with prefill(cache) if prefill is not None and step == 0 else contextlib.nullcontext():
             out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                         return_dict=True, **kw)
