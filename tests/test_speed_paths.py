@@ -391,6 +391,33 @@ def test_directions_out_of_one_language_encode_each_source_once(reference_famili
     assert encoded == 12  # 6 English + 6 German sources for 24 rows
 
 
+def test_prompts_of_one_source_into_several_languages_share_their_stem(reference_families):
+    """A decoder-only model's prompts of one source into two languages run their common first tokens once: the prompt
+    pass computes fewer tokens than the prompts hold, and each direction gets what it gets translated alone."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset
+
+    fam = reference_families["llama"]
+    dev = load_devset("builtin:demo")
+    dec = Decoding(batch_size=4, max_new_tokens=64)
+    jobs = [(list(dev.lines["eng_Latn"][:4]), "eng_Latn", t) for t in ("deu_Latn", "fra_Latn")]
+    prompt = sum(len(fam._prompt_ids([(s, src, tgt)])[0][0]) for sources, src, tgt in jobs for s in sources)
+    tokens: list[int] = []
+    hook = fam.model.model.layers[0].register_forward_hook(
+        lambda _m, args, _o: tokens.append(args[0].shape[0] * args[0].shape[1]) if args[0].shape[1] > 1 else None)
+    states, fam.prefix_states = fam.prefix_states, None  # every layer runs: the hook sees the whole prompt pass
+    try:
+        with fam.apply(["layer.4"]):
+            got = fam.translate_many(jobs, dec)
+            computed = sum(tokens)
+            alone = [fam.translate(*job, dec) for job in jobs]
+    finally:
+        hook.remove()
+        fam.prefix_states = states
+    assert got == alone and all(all(h) for h in got)
+    assert computed < 0.75 * prompt  # the stems once, then each row's target-language name
+
+
 def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_families):
     """A decoder-only replica keeps prompt states per layer boundary: a prune set run after another on the same
     batches replays the first layers they share instead of computing them, and translates exactly as without
