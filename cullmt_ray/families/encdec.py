@@ -145,14 +145,17 @@ class EncoderDecoderFamily(ModelFamily):
         parallel dev set) are encoded once and their output copied: a row's output does not depend on the rows
         it is encoded with (the greedy loop relies on that too)."""
         encoder = self.model.get_encoder()
-        first: dict = {}
-        which = [first.setdefault(s, i) for i, s in enumerate(sources)] if sources is not None else []
-        if sources is None or len(first) == len(sources):
+        slot: dict = {}  # source -> its row among the distinct ones
+        which = [slot.setdefault(s, len(slot)) for s in sources] if sources is not None else []
+        if sources is None or len(slot) == len(sources):
             return encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], return_dict=True)
-        rows = torch.tensor(list(first.values()), device=enc["input_ids"].device)
+        device = enc["input_ids"].device
+        first: dict[int, int] = {}  # slot -> its first row (slots appear in order)
+        for i, k in enumerate(which):
+            first.setdefault(k, i)
+        rows = torch.tensor(list(first.values()), device=device)
         out = encoder(input_ids=enc["input_ids"][rows], attention_mask=enc["attention_mask"][rows], return_dict=True)
-        slot = {i: k for k, i in enumerate(first.values())}
-        out.last_hidden_state = out.last_hidden_state[torch.tensor([slot[i] for i in which], device=rows.device)]
+        out.last_hidden_state = out.last_hidden_state[torch.tensor(which, device=device)]
         return out
 
     def teacher_forced(self, sources: list[str], targets: list[str], src: str, tgt: str) -> tuple[dict, torch.Tensor]:

@@ -234,11 +234,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def _stems(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list) -> tuple[list[int], list[int]]:
-    """Per row, its stem (the index of the first row of its group) and how many of its prompt tokens that stem
-    holds: the tokens every prompt of the group starts with, and never a row's last token (its logits pick the
-    first new token)."""
-    rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+def _stems(rows: list[list[int]], groups: list) -> tuple[list[int], list[int]]:
+    """Per prompt (its tokens, no padding), its stem (the index of the first prompt of its group) and how many of its
+    tokens that stem holds: the tokens every prompt of the group starts with, and never a prompt's last token (its
+    logits pick the first new token)."""
     first: dict = {}
     stem = [first.setdefault(g, i) for i, g in enumerate(groups)]
     common: dict[int, int] = {}
@@ -251,29 +250,26 @@ def _stems(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list) 
     return stem, [common[s] for s in stem]
 
 
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of token rows padded on the left (with id 0: padding is masked)."""
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     return ids, mask
 
 
 def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw):
-    """The prompt pass with rows of a group sharing their common first tokens (:func:`_stems`): the stems run
+    """The prompt pass with the prompts of a group sharing their common first tokens (:func:`_stems`): the stems run
     once (with ``prefill``), each row's keys/values of its stem are copied into ``cache``, and the rows' own
     remaining tokens run after them (padding between the stem and them where the rows' rests differ in length).
     Every token keeps its position and attends to the same tokens as in the plain prompt pass, so the numbers are
-    its numbers: (last logits, the attention mask of the cached tokens, the next positions); None when no two rows
-    share a stem."""
-    stem, held = _stems(input_ids, attention_mask, groups)
-    if len(set(stem)) == len(stem):
-        return None
+    its numbers: (last logits, the attention mask of the cached tokens, the next positions)."""
     device = input_ids.device
     rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
-    pad = 0  # any id: padding is masked
+    stem, held = _stems(rows, groups)
     order = list(dict.fromkeys(stem))
     slot = {s: k for k, s in enumerate(order)}
-    stem_ids, stem_mask = _left_pad([rows[s][: held[s]] for s in order], pad, device)
+    stem_ids, stem_mask = _left_pad([rows[s][: held[s]] for s in order], device)
     stem_cache = _self_attention_cache(model.config.get_text_config(decoder=True))
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     with prefill(stem_cache) if prefill is not None else contextlib.nullcontext():
@@ -282,7 +278,7 @@ def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw
     which = torch.tensor([slot[s] for s in stem], device=device)
     for i, layer in enumerate(stem_cache.layers):
         cache.layers[i].update(layer.keys[which], layer.values[which])
-    rest_ids, rest_mask = _left_pad([r[held[i]:] for i, r in enumerate(rows)], pad, device)
+    rest_ids, rest_mask = _left_pad([r[held[i]:] for i, r in enumerate(rows)], device)
     mask = torch.cat([stem_mask[which], rest_mask], dim=-1)
     pos = _positions(mask)[:, stem_ids.shape[1]:]
     out = model(input_ids=rest_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
@@ -307,27 +303,19 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     rows = _Rows(limits, device)
     cur, pos = input_ids, position_ids
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    shared = _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw) \
-        if groups is not None and len(set(groups)) < len(groups) and all(type(x) is _GrowingLayer for x in cache.layers) else None
+    share = groups is not None and len(set(groups)) < len(groups) and \
+        all(type(layer) is _GrowingLayer for layer in cache.layers)  # sliding windows etc.: the plain prompt pass
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
-        if step == 0 and shared is not None:
-            logits, mask, last = shared
-            nxt = _pick(logits, eos, forced_eos, at_limit)
-            kept = rows.advance(nxt, eos, step, cache, nxt, last, mask)
-            if kept is None:
-                break
-            nxt, last, mask = kept
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            cur, pos = nxt[:, None], last
-            continue
-        with prefill(cache) if prefill is not None and step == 0 else contextlib.nullcontext():
-            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                        return_dict=True, **kw)
-        nxt = _pick(out.logits[:, -1], eos, forced_eos, at_limit)
-        cache = out.cache
-        del out
-        last = pos[:, -1:] + 1
+        if step == 0 and share:
+            logits, mask, last = _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw)
+        else:
+            with prefill(cache) if prefill is not None and step == 0 else contextlib.nullcontext():
+                out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                            return_dict=True, **kw)
+            logits, cache, last = out.logits[:, -1], out.cache, pos[:, -1:] + 1
+            del out
+        nxt = _pick(logits, eos, forced_eos, at_limit)
         kept = rows.advance(nxt, eos, step, cache, nxt, last, mask)
         if kept is None:
             break
