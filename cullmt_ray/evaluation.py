@@ -405,7 +405,8 @@ class EvaluationService:
         none is left: the front of a raced search is then plain greedy's. Those that left a race of this run race
         on from the sentences they saw (:meth:`_race_to_front`) and stop once clearly off the front; the others
         (a resumed run's) are scored in full. The highest bounds go first, one per actor at a time, so that the
-        full scores they reach rule out the rest by their bounds alone. Returns the evaluations it computed."""
+        full scores they reach rule out the rest by their bounds alone (where the actors decode in lockstep, all at once:
+        a round of several costs little more than one). Returns the evaluations it computed."""
         race = self._race_context(es)
         m = es.metric.name
         done: list[Evaluation] = []
@@ -419,7 +420,8 @@ class EvaluationService:
                            key=lambda up: -up[0])
             if not open_:
                 return done
-            todo = [p for _, p in open_[: self.pool.size]]
+            # actors that decode in lockstep race them all at once: a round of several costs little more than one
+            todo = [p for _, p in (open_ if getattr(self.pool, "lockstep", False) else open_[: self.pool.size])]
             log.info("racing: completing %s (could be on the Pareto front)", "; ".join("+".join(p.candidate.units) for p in todo))
             kept = [p for p in todo if (es.context, p.candidate) in self._raced]
             done += self._race_to_front(kept, full, f"{strategy}:front", es) if kept else []
@@ -447,20 +449,12 @@ class EvaluationService:
         counted = {c: k.cost["sentences"] for c, k in kept.items()}  # counted when its partial evaluation was stored
         # the best full score of at most each candidate's size: the line it must beat
         lines = {c: max((e.score for e in full if e.params <= params[c]), default=None) for c in kept}
-        alive, rnd = list(kept), 0
+        alive, rnd, stop = list(kept), 0, min(seen.values(), default=0)
         while alive:
-            top = max(seen[c] for c in alive)
-            stop = top if any(seen[c] < top for c in alive) else next_stop(top, n, sc.racing_chunk)
-            jobs = [(c, c.units, dirs, seen[c], stop)
-                    for c, dirs in self.pool.split([(c, names) for c in alive if seen[c] < stop])]
-            for c, part in self.pool.sentence_stats(jobs, n):
-                _add_part(part, kept[c].hyps, kept[c].cost, kept[c].stats)
-            seen.update({c: stop for c in alive})
-            if stop >= n:
-                break
-            rnd += 1
+            # off the front on the sentences every one of them has seen (before any decoding: what they saw in
+            # their races), then on to the next chunk
             now = {c: kept[c].stats for c in alive} | refs
-            for c in list(alive):
+            for c in list(alive) if stop else []:
                 rivals = [r for r in now if r != c and params[r] <= params[c]]
                 sub = {x: {d: np.asarray(now[x][d][:stop]) for d in names} for x in [c, *rivals]}
                 below = off_front(sub, names, m.name, lines[c], sc.racing_confidence, seed=1000 + rnd, sacre=sacre)
@@ -474,6 +468,18 @@ class EvaluationService:
                 self.budget.sentences += kept[c].cost["sentences"] - counted[c]
                 log.info("racing: %s is off the Pareto front after %d sentences per direction (below %s)",
                          "+".join(c.units), stop, "+".join(what) if isinstance(what, list) else what)
+            if not alive:
+                break
+            top = max(seen[c] for c in alive)
+            stop = top if any(seen[c] < top for c in alive) else next_stop(top, n, sc.racing_chunk)
+            jobs = [(c, c.units, dirs, seen[c], stop)
+                    for c, dirs in self.pool.split([(c, names) for c in alive if seen[c] < stop])]
+            for c, part in self.pool.sentence_stats(jobs, n):
+                _add_part(part, kept[c].hyps, kept[c].cost, kept[c].stats)
+            seen.update({c: stop for c in alive})
+            if stop >= n:
+                break
+            rnd += 1
         out = []
         for c in alive:
             out.append(self.record(c, self._full_result(kept[c].hyps, kept[c].stats, kept[c].cost, es, names), es, strategy))

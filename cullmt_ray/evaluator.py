@@ -64,6 +64,7 @@ class EvaluatorActor:
                 "family": self.family.name, "signatures": self.scorer.signatures(),
                 "dispatch": getattr(self.family, "dispatch", None),
                 "exact_rows": self._exact_rows(),
+                "lockstep": bool(self.family.lockstep and self._exact_rows()),
                 "dtype": str(self.family.model.dtype).removeprefix("torch.")}
 
     def _exact_rows(self) -> bool:
@@ -122,6 +123,25 @@ class EvaluatorActor:
         t0 = time.perf_counter()
         with self.family.apply(removed):
             all_hyps = self._decode(directions, start, stop, len(self.devset) if horizon is None else horizon)
+        return self._stats_result(removed, directions, start, stop, all_hyps, t0)
+
+    def sentence_stats_group(self, removed_sets: list[list[str]], directions: list[Direction], start: int, stop: int,
+                             horizon: int | None = None) -> list[dict]:
+        """:meth:`sentence_stats` of several prune sets on the same chunk, decoded together in lockstep
+        (:meth:`ModelFamily.translate_group`; the pool sends these only where ``ready()['lockstep']``): one result
+        per prune set, the same as its own task's, each with an equal share of the seconds."""
+        t0 = time.perf_counter()
+        horizon = len(self.devset) if horizon is None else horizon
+        jobs = [(list(self.devset.lines[src][start:stop]), src, tgt) for src, tgt in directions]
+        limits = [self._limits(src, horizon)[start:stop] for src, _ in directions]
+        decoded = self.family.translate_group(removed_sets, jobs, self.settings.decoding, limits)
+        out = [self._stats_result(removed, directions, start, stop, hyps, t0) for removed, hyps in zip(removed_sets, decoded)]
+        for r in out:
+            r["seconds"] = (time.perf_counter() - t0) / len(out)
+        return out
+
+    def _stats_result(self, removed: list[str], directions: list[Direction], start: int, stop: int,
+                      all_hyps: list[list[str]], t0: float) -> dict:
         parts = [{"hyps": hyps, "stats": self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]),
                                                                     self.settings.metric)}
                  for (_, tgt), hyps in zip(directions, all_hyps)]
@@ -325,6 +345,7 @@ class EvaluatorPool:
         self.metric = settings.metric
         self._units = list(self.info[0]["units"]) if self.info else []
         self._ran: list[dict] = [{} for _ in self.actors]  # per actor: sentences -> units kept by its latest tasks on them
+        self.lockstep = all(i.get("lockstep") for i in self.info)  # racing chunks of several prune sets in one task
 
     @property
     def size(self) -> int:
@@ -415,10 +436,37 @@ class EvaluatorPool:
     def sentence_stats(self, jobs: Iterable[tuple], horizon: int | None = None) -> Iterator[tuple[Any, dict]]:
         """Spread ``(key, removed, directions, start, stop)`` racing chunks of a race over the first ``horizon``
         sentences over the actors; yield ``(key, per-sentence statistics per direction)`` as they finish
-        (:meth:`EvaluatorActor.sentence_stats`)."""
-        return self._spread((key, lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon),
-                             self._place(removed, d, s, e))
-                            for key, removed, d, s, e in jobs)
+        (:meth:`EvaluatorActor.sentence_stats`). Where the actors decode prune sets in lockstep (``lockstep``), the
+        chunks of the same sentences are cut into one task per actor (:meth:`_groups`), each decoding its prune sets
+        together (:meth:`EvaluatorActor.sentence_stats_group`)."""
+        calls = []
+        for group in self._groups(list(jobs)):
+            (key, removed, d, s, e), rest = group[0], group[1:]
+            if not rest:
+                calls.append(((key,), lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon),
+                              self._place(removed, d, s, e)))
+            else:
+                sets = [list(j[1]) for j in group]
+                calls.append((tuple(j[0] for j in group),
+                              lambda a, sets=sets, d=d, s=s, e=e: a.sentence_stats_group.remote(sets, list(d), s, e, horizon),
+                              self._place(removed, d, s, e)))
+        for keys, result in self._spread(calls):
+            yield from zip(keys, result if isinstance(result, list) else [result])
+
+    def _groups(self, jobs: list[tuple]) -> list[list[tuple]]:
+        """Racing chunks as tasks: one each, or, where the actors decode in lockstep, the chunks of the same
+        sentences (directions, start, stop) in at most one task per actor, in the given order, as even as can be."""
+        if not self.lockstep:
+            return [[j] for j in jobs]
+        same: dict[tuple, list[tuple]] = {}
+        for j in jobs:
+            same.setdefault((tuple(map(tuple, j[2])), j[3], j[4]), []).append(j)
+        groups = []
+        for members in same.values():
+            k = min(self.size, len(members))
+            cuts = [len(members) * i // k for i in range(k + 1)]
+            groups += [members[a:b] for a, b in zip(cuts, cuts[1:])]
+        return groups
 
     def split(self, jobs: list[tuple[Any, list[Direction]]]) -> list[tuple[Any, list[Direction]]]:
         """``(key, directions)`` tasks from ``(key, directions)`` jobs: one task per job with every direction

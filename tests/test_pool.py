@@ -105,3 +105,26 @@ def test_a_step_candidate_runs_where_its_base_set_left_its_states(ray_cluster, t
         assert got["layer.0"]["actor"] == pool.names[0]
     finally:
         pool.shutdown()
+
+
+def test_racing_chunks_of_several_prune_sets_share_one_task_per_actor(ray_cluster, tiny_encdec):
+    """Where actors decode in lockstep (encoder-decoder, greedy loop on CPU), the racing chunks of the same sentences
+    go out as one task per actor, each decoding its prune sets together: every prune set's hypotheses and sentence
+    statistics are those of its own task, and the chunks of other sentences still run on their own."""
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn", "fra_Latn"]).subsample(12)
+    pool = EvaluatorPool(ModelConfig(str(tiny_encdec)), ds, EvalSettings(spm="reference"), Resources(actors=2),
+                         run="locktest")
+    try:
+        assert pool.lockstep
+        dirs = [("eng_Latn", "deu_Latn"), ("fra_Latn", "eng_Latn")]
+        sets = [["enc.0"], ["dec.1"], ["enc.1", "dec.0"], ["dec.0", "dec.2"], []]
+        jobs = [(i, r, dirs, 4, 8) for i, r in enumerate(sets)] + [("other", ["enc.2"], dirs, 0, 4)]
+        assert sorted(len(g) for g in pool._groups(jobs)) == [1, 2, 3]
+        got = dict(pool.sentence_stats(jobs, 12))
+        assert set(got) == {*range(len(sets)), "other"}
+        for key, r, d, start, stop in jobs:
+            alone = ray.get(pool.actors[1].sentence_stats.remote(r, d, start, stop, 12))
+            assert got[key]["parts"] == alone["parts"] and got[key]["params"] == alone["params"], key
+            assert got[key]["sentences"] == 8
+    finally:
+        pool.shutdown()

@@ -233,7 +233,8 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
 
 def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_cluster, tiny_encdec, tmp_path):
     """A raced-out candidate the front might need races on from the sentences it saw and stops as soon as it is
-    clearly below a full evaluation of at most its size; rightly: its full score is below that one's."""
+    clearly below a full evaluation of at most its size (on those sentences already: before decoding any more);
+    rightly: its full score is below that one's."""
     from cullmt_ray.candidate import Candidate
     from cullmt_ray.data import load_devset
     from cullmt_ray.session import open_session
@@ -255,7 +256,8 @@ def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_
         assert svc._race_to_front([raced], [got[small], got[twin]], "greedy:front", es) == []  # stopped, not stored
         (closed,) = svc.front_closed
         assert closed["removed"] == worse.units and closed["below"] in (small.units, twin.units)
-        assert got[worse].sentences < closed["seen"] < len(sources)  # decoded on from where it left, not to the end
+        # decoded on from where it left (here clearly below already on what it saw: nothing more), not to the end
+        assert got[worse].sentences <= closed["seen"] < len(sources)
         assert svc.budget.sentences == spent + closed["seen"] - got[worse].sentences
         assert svc.store.get(es.context, worse) is None
         (full,) = svc.evaluate([worse], "check", es)
@@ -278,6 +280,36 @@ def reference_families():
         yield families
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [2048, 50])
+def test_prune_sets_decoded_in_lockstep_translate_as_each_alone(reference_families, rows, monkeypatch):
+    """translate_group decodes several prune sets' rows in one batch, each decoder layer computing the rows of the
+    sets that keep it (encoder sets apart, the first decoder layer removed, none removed): every translation is
+    the one of its set decoded alone, also when the sets are cut into several batches (``lockstep_rows``)."""
+    import cullmt_ray.families.encdec as encdec
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset
+
+    fam = reference_families["dense"]
+    lines = load_devset("builtin:demo").lines
+    jobs = [(list(lines["eng_Latn"][:12]), "eng_Latn", "deu_Latn"), (list(lines["fra_Latn"][12:24]), "fra_Latn", "ces_Latn")]
+    sets = [[], ["dec.0"], ["enc.3", "dec.5"], ["enc.1", "enc.3"], ["dec.1", "dec.2", "dec.3"]]
+    alone = []
+    for r in sets:
+        with fam.apply(r):
+            alone.append(fam.translate_many(jobs, Decoding()))
+    together = []
+    real = encdec.greedy_encdec_group
+
+    def counted(*args, **kwargs):
+        together.append(len(args[6]))  # the prune sets of the batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encdec, "greedy_encdec_group", counted)
+    monkeypatch.setattr(fam, "lockstep_rows", rows)
+    assert fam.translate_group(sets, jobs, Decoding()) == alone
+    assert together == ([5] if rows == 2048 else [2, 2, 1])  # one batch of 24 rows a set: 50 rows hold two sets
 
 
 def _both(family, sources, src, tgt, decoding):

@@ -159,6 +159,11 @@ class ModelFamily(ABC):
         may generate ``limits[i]`` new tokens. Only called where :meth:`rows_exact` holds for every row."""
         raise NotImplementedError
 
+    def _greedy_rows_group(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int],
+                           sets: list[frozenset[str]]) -> list[list[str]]:
+        """:meth:`_greedy_rows` for each prune set of ``sets`` at once, in lockstep (families with ``lockstep``)."""
+        raise NotImplementedError
+
     # --------------------------------------------------------------- units and sizes
     def units(self) -> list[str]:
         """All prunable unit ids, e.g. ``enc.0 ... dec.5`` or ``layer.0 ...``."""
@@ -254,6 +259,9 @@ class ModelFamily(ABC):
     # length-sorted sources as fit in this many padded source tokens, at most ``decode_rows``.
     decode_tokens: ClassVar[int] = 4096
     decode_rows: ClassVar[int] = 256
+    # Prune sets decoded together by translate_group (a family with a lockstep loop), at most this many rows a batch.
+    lockstep: ClassVar[bool] = False
+    lockstep_rows: ClassVar[int] = 2048
     # Devices the greedy loop runs on (families with one; ``fast_greedy`` turns it off): where its outputs were
     # verified equal to generate's whatever the batch (fp32 on CPU). Elsewhere, e.g. bf16 on a GPU, a batch's
     # shape can change the kernels and so the numbers: generate decodes there until that is measured.
@@ -305,6 +313,45 @@ class ModelFamily(ABC):
         limits = limits or [None] * len(jobs)
         if not all(self.rows_exact(src, tgt, decoding) for _, src, tgt in jobs):
             return [self.translate(sources, src, tgt, decoding, lim) for (sources, src, tgt), lim in zip(jobs, limits)]
+        out = [[""] * len(sources) for sources, _, _ in jobs]
+        for b in self._row_batches(jobs, decoding, limits):
+            rows = [(jobs[j][0][i], jobs[j][1], jobs[j][2]) for _, j, i, _ in b]
+            for (_, j, i, _), hyp in zip(b, self._greedy_rows(rows, decoding, [r[3] for r in b])):
+                out[j][i] = hyp.strip()
+        return out
+
+    @torch.inference_mode()
+    def translate_group(self, removed_sets: list[Iterable[str]], jobs: list[tuple[list[str], str, str]],
+                        decoding: Decoding = Decoding(), limits: list[list[int] | None] | None = None
+                        ) -> list[list[list[str]]]:
+        """:meth:`translate_many` of ``jobs`` for each prune set of ``removed_sets`` (none applied now): per prune set, one
+        list of hypotheses per job. A family with a lockstep loop (``lockstep``) decodes the prune sets together
+        where rows are exact: each batch of sentences holds the rows of several prune sets, and each layer computes
+        the rows of the prune sets that keep it (at most ``lockstep_rows`` rows a batch), so the batches are fuller
+        and their per-step cost is paid once; the same outputs as one prune set after another, which the others do."""
+        sets = [self.check_units(r) for r in removed_sets]
+        limits = limits or [None] * len(jobs)
+        if len(sets) < 2 or not self.lockstep or not all(self.rows_exact(src, tgt, decoding) for _, src, tgt in jobs):
+            out = []
+            for r in sets:
+                with self.apply(r):
+                    out.append(self.translate_many(jobs, decoding, limits))
+            return out
+        out = [[[""] * len(sources) for sources, _, _ in jobs] for _ in sets]
+        for b in self._row_batches(jobs, decoding, limits):
+            rows = [(jobs[j][0][i], jobs[j][1], jobs[j][2]) for _, j, i, _ in b]
+            per = max(1, self.lockstep_rows // len(b))
+            for first in range(0, len(sets), per):
+                group = sets[first : first + per]
+                for k, hyps in enumerate(self._greedy_rows_group(rows, decoding, [r[3] for r in b], group)):
+                    for (_, j, i, _), hyp in zip(b, hyps):
+                        out[first + k][j][i] = hyp.strip()
+        return out
+
+    def _row_batches(self, jobs: list[tuple[list[str], str, str]], decoding: Decoding,
+                     limits: list[list[int] | None]) -> list[list[tuple[int, int, int, int]]]:
+        """The rows of all jobs, ``(source tokens, job, sentence, token limit)``, sorted by source tokens (longest
+        first) and cut into batches of at most ``decode_tokens`` padded source tokens and ``decode_rows`` rows."""
         pool: list[tuple[int, int, int, int]] = []  # (source tokens, job, sentence, token limit)
         for j, (sources, src, tgt) in enumerate(jobs):
             lengths = self._limit_lengths(sources, src, tgt) if sources else []
@@ -319,12 +366,7 @@ class ModelFamily(ABC):
                 batches.append([row])
             else:
                 b.append(row)
-        out = [[""] * len(sources) for sources, _, _ in jobs]
-        for b in batches:
-            rows = [(jobs[j][0][i], jobs[j][1], jobs[j][2]) for _, j, i, _ in b]
-            for (_, j, i, _), hyp in zip(b, self._greedy_rows(rows, decoding, [r[3] for r in b])):
-                out[j][i] = hyp.strip()
-        return out
+        return batches
 
     @staticmethod
     def token_limits(sources: list[str], lengths: list[int], decoding: Decoding) -> list[int]:

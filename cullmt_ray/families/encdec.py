@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from ..languages import SHORT_TO_NLLB
 from ..config import Decoding
 from .base import Example, FamilyError, LayerStack, ModelFamily, TensorCache
-from .greedy import generation_config, greedy_encdec, unsupported
+from .greedy import _DIRECT, generation_config, greedy_encdec, greedy_encdec_group, unsupported
 
 _NLLB_TO_SHORT = {v: k for k, v in SHORT_TO_NLLB.items()}
 
@@ -24,10 +25,14 @@ class EncoderDecoderFamily(ModelFamily):
     encoder_cache_mib: ClassVar[float | None] = 256.0
     # Greedy decoding (num_beams 1) runs greedy.greedy_encdec: generate's tokens, finished rows dropped.
     fast_greedy: ClassVar[bool] = True
+    # Race rounds decode their prune sets together (greedy.greedy_encdec_group): fuller batches for small chunks.
+    lockstep: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str):
         super().__init__(model, tokenizer, model_id)
         self.encoder_cache: TensorCache | None = None  # see keep_states
+        # the lockstep loop calls the layers itself; CULLMT_LOCKSTEP=0 turns it off (one prune set after another)
+        self.lockstep = self.lockstep and type(model).__name__ in _DIRECT and os.environ.get("CULLMT_LOCKSTEP", "1") != "0"
 
     def keep_states(self) -> None:
         """The encoder's output, reused by prune sets that remove the same encoder units (:meth:`_encoder_key`).
@@ -96,7 +101,9 @@ class EncoderDecoderFamily(ModelFamily):
                                   max_new_tokens=budget, do_sample=False, **extra)
         return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
 
-    def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
+    def _tokenize_rows(self, rows: list[tuple[str, str, str]]) -> tuple[dict, tuple, list[int]]:
+        """A batch of ``(source, src, tgt)`` rows, padded; each row's ``(source language key, text)``; each row's
+        forced first token (its target language)."""
         tok = self.tokenizer
         ids: list[list[int]] = [[] for _ in rows]
         langs = {code: self.lang_token(code) for code in {c for _, src, tgt in rows for c in (src, tgt)}}
@@ -107,16 +114,42 @@ class EncoderDecoderFamily(ModelFamily):
             for i, row in zip(idx, tok([rows[i][0] for i in idx])["input_ids"]):
                 ids[i] = row
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-        tgt_ids = [langs[tgt][1] for _, _, tgt in rows]
-        encoder_outputs = None  # without the cache (MoE gate statistics count every router call): computed in the loop
-        if self.encoder_cache is not None:
-            sources = tuple(zip(keys, (r[0] for r in rows)))
-            encoder_outputs = self.encoder_cache.get((self._encoder_key(), sources), lambda: self._encode(enc, sources))
-        gc = self._greedy_config(tgt_ids[0], decoding)
+        return enc, tuple(zip(keys, (r[0] for r in rows))), [langs[tgt][1] for _, _, tgt in rows]
+
+    def _encoder_output(self, enc: dict, sources: tuple):
+        """The encoder's output for a tokenized batch under the prune set applied now (from the cache when kept)."""
+        if self.encoder_cache is None:
+            return self._encode(enc, sources)
+        return self.encoder_cache.get((self._encoder_key(), sources), lambda: self._encode(enc, sources))
+
+    def _hypotheses(self, gc, tokens: list[list[int]]) -> list[str]:
         start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
+        return self.tokenizer.batch_decode([[start, *r] for r in tokens], skip_special_tokens=True)
+
+    def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
+        enc, sources, tgt_ids = self._tokenize_rows(rows)
+        # without the cache (MoE gate statistics count every router call) the loop computes the encoder's output
+        encoder_outputs = self._encoder_output(enc, sources) if self.encoder_cache is not None else None
+        gc = self._greedy_config(tgt_ids[0], decoding)
         out = greedy_encdec(self.model, enc["input_ids"], enc["attention_mask"], gc, limits, encoder_outputs,
                             forced_bos=torch.tensor(tgt_ids, device=self.device))
-        return tok.batch_decode([[start, *r] for r in out], skip_special_tokens=True)
+        return self._hypotheses(gc, out)
+
+    def _greedy_rows_group(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int],
+                           sets: list[frozenset[str]]) -> list[list[str]]:
+        """Each prune set's encoder output (the cache shares it between sets with the same encoder units), then the
+        decoder of every set in lockstep (:func:`greedy_encdec_group`)."""
+        enc, sources, tgt_ids = self._tokenize_rows(rows)
+        states = []
+        for removed in sets:
+            with self.apply(u for u in removed if u.startswith("enc.")):
+                states.append(self._encoder_output(enc, sources).last_hidden_state)
+        layers = len(self.model.get_decoder().layers)
+        keeps = [[f"dec.{i}" not in removed for i in range(layers)] for removed in sets]
+        gc = self._greedy_config(tgt_ids[0], decoding)
+        out = greedy_encdec_group(self.model, enc["input_ids"], enc["attention_mask"], gc, limits, states, keeps,
+                                  forced_bos=torch.tensor(tgt_ids, device=self.device))
+        return [self._hypotheses(gc, tokens) for tokens in out]
 
     def _encoder_key(self) -> tuple[str, ...]:
         """What the encoder's output depends on besides its input: the encoder units removed. Candidates that remove

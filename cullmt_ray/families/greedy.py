@@ -229,6 +229,103 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return rows.tokens
 
 
+class _Subsets:
+    """Which rows of a lockstep batch each decoder layer computes: the rows of the candidates that keep it, as
+    positions in the batch (None: every row). A layer's KV cache holds its rows in batch order."""
+
+    def __init__(self, keeps: list[list[bool]], rows: int, device):
+        self.member = [torch.tensor([k for k in keep for _ in range(rows)], dtype=torch.bool, device=device)
+                       for keep in zip(*keeps)]  # per layer: does row r's candidate keep it
+        self.index = [self._index(m) for m in self.member]
+
+    @staticmethod
+    def _index(member: torch.Tensor) -> torch.Tensor | None:
+        return None if bool(member.all()) else member.nonzero().squeeze(1)
+
+    def select(self, keep: torch.Tensor) -> list[torch.Tensor]:
+        """Keep batch rows ``keep``; per layer, the positions in its KV cache of the rows it keeps."""
+        picks = []
+        for i, m in enumerate(self.member):
+            kept = m[keep]
+            picks.append((m.long().cumsum(0) - 1)[keep][kept])
+            self.member[i], self.index[i] = kept, self._index(kept)
+        return picks
+
+
+@torch.inference_mode()
+def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
+                        limits: list[int], encoder_states: list[torch.Tensor], keeps: list[list[bool]],
+                        forced_bos: torch.Tensor) -> list[list[list[int]]]:
+    """:func:`greedy_encdec` for several prune sets at once, in lockstep: one batch holds every prune set's rows
+    (prune set ``c``'s rows ``c * B .. c * B + B - 1`` for a batch of ``B`` sentences), and each decoder layer
+    computes the rows of the prune sets that keep it (``keeps[c][layer]``), reading and writing their hidden states
+    and its own KV cache of them. The model is the full one (no prune set applied); ``encoder_states[c]`` is prune
+    set ``c``'s encoder output for the batch. A row's numbers are those of decoding its prune set alone (a row
+    does not depend on the rows it is computed with, as everywhere in this module), in batches ``len(keeps)`` times
+    as full: the per-step cost that a small batch pays for each layer (reading its weights, the call) is paid
+    once for all. Returns, per prune set, the tokens of each sentence."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    device = input_ids.device
+    n_sets, b = len(keeps), input_ids.shape[0]
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    layers = list(decoder.layers)
+    start = _first(gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id)
+    eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
+    forced_eos = _first(forced_eos) if forced_eos is not None else None
+    conf = model.config.get_text_config(decoder=True)
+    cache = EncoderDecoderCache(_self_attention_cache(conf), DynamicCache(config=conf))
+    rows = _Rows(list(limits) * n_sets, device)
+    subsets = _Subsets(keeps, b, device)
+    first = next(i for i in range(len(layers)) if any(k[i] for k in keeps))  # the mask is sized against it
+    states = torch.cat(encoder_states)
+    cross = create_bidirectional_mask(config=decoder.config, inputs_embeds=states[:, :1],
+                                      attention_mask=attention_mask.repeat(n_sets, 1), encoder_hidden_states=states)
+    cross_of = [cross if cross is None or idx is None else cross[idx] for idx in subsets.index]
+    forced_bos = forced_bos.to(device=device, dtype=torch.long).repeat(n_sets)
+    cur = torch.full((rows.running.shape[0], 1), start, dtype=torch.long, device=device)
+    for step in range(rows.steps):
+        at_limit = rows.at_limit(step) if forced_eos is not None else None
+        n = cur.shape[0]
+        # the decoder's forward, layer by layer over each layer's rows
+        embeds = decoder.embed_tokens(cur)
+        mask = create_causal_mask(config=decoder.config, inputs_embeds=embeds,
+                                  attention_mask=torch.ones(n, step + 1, device=device),
+                                  cache=cache.self_attention_cache, layer_idx=first)
+        hidden = embeds + decoder.embed_positions(cur, embeds, step).to(device)
+        for i, layer in enumerate(layers):
+            idx = subsets.index[i]
+            if idx is None:
+                hidden = layer(hidden, mask, states if step == 0 else states[:0], encoder_attention_mask=cross_of[i],
+                               cache=cache, use_cache=True)
+            elif idx.numel():
+                sub = layer(hidden[idx], mask if mask is None else mask[idx],
+                            states[idx] if step == 0 else states[:0],  # cross keys/values are cached after step 0
+                            encoder_attention_mask=cross_of[i], cache=cache, use_cache=True)
+                hidden = hidden.index_copy(0, idx, sub)
+        if step == 0:
+            nxt = forced_bos
+            if forced_eos is not None and at_limit is not None:
+                nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
+        else:
+            nxt = _pick(head(decoder.layer_norm(hidden)[:, -1]), eos, forced_eos, at_limit)
+        del hidden
+        keep = rows.add(nxt, eos, step)
+        if keep is not None:
+            if not rows.live:
+                break
+            for i, pick in enumerate(subsets.select(keep)):
+                if cache.self_attention_cache.layers[i].is_initialized:  # a layer no prune set keeps has none
+                    cache.self_attention_cache.layers[i].batch_select_indices(pick)
+                    cache.cross_attention_cache.layers[i].batch_select_indices(pick)
+            nxt = nxt[keep]
+            cross_of = [cross if cross is None else cross[keep] if idx is None else cross[keep][subsets.member[i]]
+                        for i, idx in enumerate(subsets.index)]
+            cross = cross if cross is None else cross[keep]
+        cur = nxt[:, None]
+    return [rows.tokens[c * b : (c + 1) * b] for c in range(n_sets)]
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a padded batch: each row counts its own tokens (0 at padding), as ``generate`` does."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

@@ -31,6 +31,7 @@ from .encdec import EncoderDecoderFamily, _is_moe
 
 class NllbMoeFamily(EncoderDecoderFamily):
     encoder_cache_mib = None  # gate statistics count the encoder's router calls while translating
+    lockstep = False  # its layers route tokens to experts: the lockstep loop is for dense layers
     name = "moe"
     dispatch = nllb_moe_fix.DISPATCH_TAG  # recorded in every evaluation context
 
