@@ -326,7 +326,7 @@ class EvaluationService:
             if len(alive) > keep and seen < n:
                 res = race_round({c: {d: np.asarray(stats[c][d]) for d in names} for c in alive}, names,
                                  es.metric.name, keep=keep, floor=floor, confidence=sc.racing_confidence,
-                                 seed=rnd, sacre=sacre)
+                                 seed=rnd, sacre=sacre, total=n)
                 for c, why in res.out.items():
                     left[c] = _Left(res.scores[c], seen, why, res.upper[c], *res.margin[c])
                 alive = [c for c in alive if c not in res.out]
@@ -457,7 +457,8 @@ class EvaluationService:
             for c in list(alive) if stop else []:
                 rivals = [r for r in now if r != c and params[r] <= params[c]]
                 sub = {x: {d: np.asarray(now[x][d][:stop]) for d in names} for x in [c, *rivals]}
-                below = off_front(sub, names, m.name, lines[c], sc.racing_confidence, seed=1000 + rnd, sacre=sacre)
+                below = off_front(sub, names, m.name, lines[c], sc.racing_confidence, seed=1000 + rnd, sacre=sacre,
+                                  total=n)
                 if below is None:
                     continue
                 alive.remove(c)
@@ -519,7 +520,9 @@ class EvaluationService:
         key = f"race|{es.context}"
         if key not in self._stages:
             sc = self.cfg.search
-            desc = {**es.description, "raced": {"chunk": sc.racing_chunk, "confidence": sc.racing_confidence}}
+            # the bootstrap's question (full scores: predictive) is part of what a raced-out score and bound mean
+            desc = {**es.description, "raced": {"chunk": sc.racing_chunk, "confidence": sc.racing_confidence,
+                                                "bootstrap": "predictive"}}
             self._stages[key] = EvalSet(list(es.directions), desc, es.metric, self.store.register_context(desc), es.limit)
         return self._stages[key]
 

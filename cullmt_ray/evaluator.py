@@ -455,17 +455,16 @@ class EvaluatorPool:
 
     def _groups(self, jobs: list[tuple]) -> list[list[tuple]]:
         """Racing chunks as tasks: one each, or, where the actors decode in lockstep, the chunks of the same
-        sentences (directions, start, stop) in at most one task per actor, in the given order, as even as can be."""
+        sentences (directions, start, stop) in at most one task per actor, dealt out in turn."""
         if not self.lockstep:
             return [[j] for j in jobs]
         same: dict[tuple, list[tuple]] = {}
         for j in jobs:
             same.setdefault((tuple(map(tuple, j[2])), j[3], j[4]), []).append(j)
         groups = []
-        for members in same.values():
+        for members in same.values():  # dealt out in turn: a step's encoder sets, costlier, spread over the tasks
             k = min(self.size, len(members))
-            cuts = [len(members) * i // k for i in range(k + 1)]
-            groups += [members[a:b] for a, b in zip(cuts, cuts[1:])]
+            groups += [members[i::k] for i in range(k)]
         return groups
 
     def split(self, jobs: list[tuple[Any, list[Direction]]]) -> list[tuple[Any, list[Direction]]]:

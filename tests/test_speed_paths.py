@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cullmt_ray.racing import bleu_from_stats, next_stop, off_front, race_round
+from cullmt_ray.racing import _bootstrap, bleu_from_stats, next_stop, off_front, race_round
 
 from .conftest import search_config, write_self_reference_devset
 
@@ -69,6 +69,33 @@ def test_race_round_drops_only_the_clearly_worse():
     assert res.scores["close"] <= res.upper["close"] <= 100.0 and res.upper["a"] == pytest.approx(100.0)
     res = race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu")
     assert res.scores["bad"] <= res.upper["bad"] < res.scores["a"]  # every sentence alike: no spread
+
+
+def test_race_round_asks_about_the_whole_dev_set_when_it_knows_its_size():
+    """With the dev set's size, a draw is the seen sentences plus unseen ones drawn from a resample: its spread
+    shrinks as more of the dev set is seen (about the plain bootstrap's while little is seen), so a candidate the plain bootstrap keeps late in a race leaves; one
+    behind on a single seen sentence (level on the rest) stays: the plain bootstrap must agree (GUARD)."""
+    rng = np.random.default_rng(5)
+    good = np.tile([20, 20, 20, 19, 18, 17, 20, 19, 18, 17], (80, 1))
+    noisy = good.copy()
+    noisy[:, 2:6] = (good[:, 2:6] * rng.uniform(0.5, 1.0, size=(80, 1))).astype(int)  # sentences of mixed quality
+    d = ("eng_Latn", "deu_Latn")
+    spread = {t: float(np.std(_bootstrap({"n": {d: noisy}}, [d], "spbleu", 2000, 0, total=t)[1]))
+              for t in (None, 100, 160, 8000)}
+    assert spread[100] < 0.6 * spread[None] and spread[100] < spread[160] < spread[None]
+    assert spread[8000] == pytest.approx(spread[None], rel=0.05)  # a small part seen: the plain bootstrap's
+    # a candidate a little behind on many sentences: kept on 80 of 8000, out on 80 of 100
+    behind = noisy.copy()
+    behind[::4, 2:6] = (noisy[::4, 2:6] * np.random.default_rng(1).uniform(0.97, 1.0, size=(20, 1))).astype(int)
+    behind[1::9, 2:6] = np.minimum(noisy[1::9, 2:6] + 1, noisy[1::9, 6:10])  # ahead on a few
+    stats = {"n": {d: noisy}, "behind": {d: behind}}
+    assert race_round(stats, [d], "spbleu").out == {} and race_round(stats, [d], "spbleu", total=8000).out == {}
+    assert race_round(stats, [d], "spbleu", total=100).out == {"behind": "worse than the leader"}
+    # behind on one sentence only: every draw of the unseen sentences keeps it behind; the guard keeps it in
+    one = good.copy()
+    one[7, 2:6] -= 1
+    assert race_round({"a": {d: good}, "one": {d: one}}, [d], "spbleu", total=100).out == {}
+    assert off_front({"one": {d: one}, "a": {d: good}}, [d], "spbleu", total=100) is None
 
 
 def test_off_front_needs_a_clear_paired_gap_or_a_line_above():

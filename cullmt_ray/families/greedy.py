@@ -64,7 +64,7 @@ def _eos(gc: GenerationConfig, device) -> torch.Tensor:
 def _pick(logits: torch.Tensor, eos: torch.Tensor, forced_eos: int | None, at_limit: torch.Tensor | None) -> torch.Tensor:
     """The next token of each row: the argmax, or the forced EOS on a row's last allowed step (generate's
     ForcedEOSTokenLogitsProcessor at ``max_length - 1``)."""
-    nxt = logits.float().argmax(-1)
+    nxt = logits.float().max(-1).indices  # argmax's (the first largest), in about 60% of its time on CPU
     if forced_eos is not None and at_limit is not None:
         nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
     return nxt
@@ -85,7 +85,9 @@ class _Rows:
 
     slack: int = 8
 
-    def __init__(self, limits: list[int], device):
+    def __init__(self, limits: list[int], device, slack: int | None = None):
+        if slack is not None:
+            self.slack = slack
         self.tokens: list[list[int]] = [[] for _ in limits]
         self.live = list(range(len(limits)))  # the original row of each batch row
         self.running = torch.ones(len(limits), dtype=torch.bool, device=device)
@@ -275,7 +277,8 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
     forced_eos = _first(forced_eos) if forced_eos is not None else None
     conf = model.config.get_text_config(decoder=True)
     cache = EncoderDecoderCache(_self_attention_cache(conf), DynamicCache(config=conf))
-    rows = _Rows(list(limits) * n_sets, device)
+    # rows leave at a quarter finished, not an eighth: a drop copies every layer's caches of every set's rows
+    rows = _Rows(list(limits) * n_sets, device, slack=4)
     subsets = _Subsets(keeps, b, device)
     first = next(i for i in range(len(layers)) if any(k[i] for k in keeps))  # the mask is sized against it
     states = torch.cat(encoder_states)
