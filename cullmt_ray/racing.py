@@ -30,7 +30,6 @@ bootstrap also puts it below in more than ``1 - GUARD`` of its draws (there it i
 bounds (``upper``, ``margin``) stay the plain bootstrap's.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass

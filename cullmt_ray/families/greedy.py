@@ -13,6 +13,10 @@ They handle the generation-config settings greedy decoding of the supported mode
 decoder start, forced BOS/EOS); :func:`unsupported` names any other setting that would change
 greedy's tokens (a repetition penalty, n-gram blocking, suppressed tokens, a minimum length, ...),
 and the families then fall back to ``generate``.
+
+:func:`greedy_encdec_group` decodes several prune sets of one encoder-decoder at once (a race round's candidates):
+one batch holds every set's rows and each decoder layer computes the rows of the sets that keep it, so small
+chunks decode in full batches; a row's tokens are still those of its set decoded alone.
 """
 
 from __future__ import annotations
