@@ -123,7 +123,7 @@ class EvaluatorActor:
         t0 = time.perf_counter()
         with self.family.apply(removed):
             all_hyps = self._decode(directions, start, stop, len(self.devset) if horizon is None else horizon)
-        return self._stats_result(removed, directions, start, stop, all_hyps, t0)
+        return {**self._stats_result(removed, directions, start, stop, all_hyps), "seconds": time.perf_counter() - t0}
 
     def sentence_stats_group(self, removed_sets: list[list[str]], directions: list[Direction], start: int, stop: int,
                              horizon: int | None = None) -> list[dict]:
@@ -135,20 +135,19 @@ class EvaluatorActor:
         jobs = [(list(self.devset.lines[src][start:stop]), src, tgt) for src, tgt in directions]
         limits = [self._limits(src, horizon)[start:stop] for src, _ in directions]
         decoded = self.family.translate_group(removed_sets, jobs, self.settings.decoding, limits)
-        out = [self._stats_result(removed, directions, start, stop, hyps, t0) for removed, hyps in zip(removed_sets, decoded)]
-        for r in out:
-            r["seconds"] = (time.perf_counter() - t0) / len(out)
-        return out
+        out = [self._stats_result(removed, directions, start, stop, hyps) for removed, hyps in zip(removed_sets, decoded)]
+        share = (time.perf_counter() - t0) / len(out)
+        return [{**r, "seconds": share} for r in out]
 
     def _stats_result(self, removed: list[str], directions: list[Direction], start: int, stop: int,
-                      all_hyps: list[list[str]], t0: float) -> dict:
+                      all_hyps: list[list[str]]) -> dict:
+        """A chunk's result (hypotheses and statistics per direction, size, sentences, actor), without its seconds."""
         parts = [{"hyps": hyps, "stats": self.scorer.sentence_stats(hyps, list(self.devset.lines[tgt][start:stop]),
                                                                     self.settings.metric)}
                  for (_, tgt), hyps in zip(directions, all_hyps)]
         size = self.family.size(removed)
         return {"directions": [tuple(d) for d in directions], "parts": parts, "params": size.params,
-                "bytes": size.bytes, "sentences": sum(len(h) for h in all_hyps),
-                "seconds": time.perf_counter() - t0, "actor": self.name}
+                "bytes": size.bytes, "sentences": sum(len(h) for h in all_hyps), "actor": self.name}
 
     def kl(self, removed: list[str], directions: list[Direction], limit: int | None = None,
            batch_size: int = 16) -> dict:

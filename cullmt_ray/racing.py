@@ -95,32 +95,47 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     bounds are then of the full scores, see the module doc). Returns the point scores, who leaves the race now
     and an upper bound of each candidate's score."""
     cands = list(stats)
-    point, boot = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
-    full = boot if total is None else _bootstrap(stats, directions, metric_name, samples, seed, sacre, total)[1]
+    draws = _Draws.of(stats, directions, metric_name, samples, seed, sacre, confidence, total)
+    point, boot = draws.point, draws.plain
     order = sorted(range(len(cands)), key=lambda i: -point[i])  # stable: ask order breaks ties
     leaders = set(order[:keep])
     ref = order[min(keep, len(cands)) - 1]
-    alpha = 1.0 - confidence
-
-    def below(i: int, line) -> bool:
-        """Whether candidate ``i`` is, with ``confidence``, below ``line`` (a candidate's column, or a score)."""
-        plain = boot[:, line] if isinstance(line, int) else line
-        if total is None:
-            return bool(np.mean(boot[:, i] >= plain) < alpha)
-        ahead = full[:, line] if isinstance(line, int) else line
-        return bool(np.mean(full[:, i] >= ahead) < alpha and np.mean(boot[:, i] >= plain) < GUARD)
-
     out, margin = {}, {}
     for i in order[keep:]:
-        if below(i, ref):
+        if draws.below(i, ref):
             out[cands[i]] = "worse than the leader"
-        elif floor is not None and below(i, float(floor)):
+        elif floor is not None and draws.below(i, float(floor)):
             out[cands[i]] = "below the threshold"
         if cands[i] in out:
             margin[cands[i]] = (cands[ref], float(np.quantile(boot[:, i] - boot[:, ref], confidence)))
     assert not leaders & {cands.index(c) for c in out}
     return RoundResult({c: float(point[i]) for i, c in enumerate(cands)}, out,
                        {c: float(np.quantile(boot[:, i], confidence)) for i, c in enumerate(cands)}, margin)
+
+
+@dataclass
+class _Draws:
+    """A race's bootstrap draws, in the order of its candidates, and the test of who is clearly below."""
+
+    point: np.ndarray  # (C,) scores on the seen sentences
+    plain: np.ndarray  # (samples, C): the seen sentences resampled
+    full: np.ndarray  # (samples, C): predictive draws of the full scores (without ``total``: the plain ones)
+    alpha: float
+    guard: float  # how often the plain draws may still reach what a candidate is below
+
+    @classmethod
+    def of(cls, stats: dict, directions: list, metric_name: str, samples: int, seed: int, sacre,
+           confidence: float, total: int | None) -> _Draws:
+        point, plain = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
+        if total is None:
+            return cls(point, plain, plain, 1.0 - confidence, 1.0 - confidence)
+        full = _bootstrap(stats, directions, metric_name, samples, seed, sacre, total)[1]
+        return cls(point, plain, full, 1.0 - confidence, GUARD)
+
+    def below(self, i: int, line: int | float) -> bool:
+        """Whether candidate ``i`` is clearly below ``line``: another candidate's column (int) or a score (float)."""
+        full, plain = (self.full[:, line], self.plain[:, line]) if isinstance(line, int) else (line, line)
+        return bool(np.mean(self.full[:, i] >= full) < self.alpha and np.mean(self.plain[:, i] >= plain) < self.guard)
 
 
 def _bootstrap(stats: dict, directions: list, metric_name: str, samples: int, seed: int,
@@ -156,12 +171,10 @@ def off_front(stats: dict, directions: list, metric_name: str, line: float | Non
     Completing a raced search's Pareto front (:meth:`EvaluationService.complete_front`) stops a candidate this way
     when the others are no larger."""
     cands = list(stats)
-    _, boot = _bootstrap(stats, directions, metric_name, samples, seed, sacre)
-    full = boot if total is None else _bootstrap(stats, directions, metric_name, samples, seed, sacre, total)[1]
-    alpha, guard = 1.0 - confidence, 1.0 - confidence if total is None else GUARD
+    draws = _Draws.of(stats, directions, metric_name, samples, seed, sacre, confidence, total)
     for j, other in enumerate(cands[1:], start=1):
-        if np.mean(full[:, 0] >= full[:, j]) < alpha and np.mean(boot[:, 0] >= boot[:, j]) < guard:
+        if draws.below(0, j):
             return other
-    if line is not None and np.mean(full[:, 0] >= line) < alpha and np.mean(boot[:, 0] >= line) < guard:
+    if line is not None and draws.below(0, float(line)):
         return float(line)
     return None

@@ -326,9 +326,9 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
                     cache.self_attention_cache.layers[i].batch_select_indices(pick)
                     cache.cross_attention_cache.layers[i].batch_select_indices(pick)
             nxt = nxt[keep]
-            cross_of = [cross if cross is None else cross[keep] if idx is None else cross[keep][subsets.member[i]]
-                        for i, idx in enumerate(subsets.index)]
-            cross = cross if cross is None else cross[keep]
+            if cross is not None:
+                cross = cross[keep]
+                cross_of = [cross if idx is None else cross[subsets.member[i]] for i, idx in enumerate(subsets.index)]
         cur = nxt[:, None]
     return [rows.tokens[c * b : (c + 1) * b] for c in range(n_sets)]
 
