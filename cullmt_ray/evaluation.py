@@ -319,8 +319,7 @@ class EvaluationService:
         while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
             # once the race is decided (no more than ``keep`` left), the rest of the dev set in one go
             stop = next_stop(seen, n, sc.racing_chunk) if len(alive) > keep else n
-            jobs = [(c, c.units, dirs, seen, stop) for c, dirs in self.pool.split([(c, names) for c in alive])]
-            for c, part in self.pool.sentence_stats(jobs, n):
+            for c, part in self._race_chunks([(c, c.units, names, seen, stop) for c in alive], n):
                 _add_part(part, hyps[c], cost[c], stats[c])
             seen, rnd = stop, rnd + 1
             if len(alive) > keep and seen < n:
@@ -473,9 +472,7 @@ class EvaluationService:
                 break
             top = max(seen[c] for c in alive)
             stop = top if any(seen[c] < top for c in alive) else next_stop(top, n, sc.racing_chunk)
-            jobs = [(c, c.units, dirs, seen[c], stop)
-                    for c, dirs in self.pool.split([(c, names) for c in alive if seen[c] < stop])]
-            for c, part in self.pool.sentence_stats(jobs, n):
+            for c, part in self._race_chunks([(c, c.units, names, seen[c], stop) for c in alive if seen[c] < stop], n):
                 _add_part(part, kept[c].hyps, kept[c].cost, kept[c].stats)
             seen.update({c: stop for c in alive})
             if stop >= n:
@@ -487,6 +484,13 @@ class EvaluationService:
             self.budget.sentences -= counted[c]
             self._keep(self._stats, (es.context, c), kept[c].stats)
         return out
+
+    def _race_chunks(self, chunks: list[tuple], n: int) -> list[tuple[Candidate, dict]]:
+        """Decode racing chunks ``(candidate, removed, directions, start, stop)`` of a race over ``n`` sentences,
+        cut for the actors (:meth:`EvaluatorPool.race_tasks`): ``(candidate, part)`` for each piece, in sentence
+        order (a candidate's pieces then extend its hypotheses and statistics in order)."""
+        parts = list(self.pool.sentence_stats(self.pool.race_tasks(chunks), n))
+        return sorted(parts, key=lambda cp: cp[1]["start"])
 
     @staticmethod
     def _keep(kept: dict, key, value) -> None:

@@ -302,6 +302,12 @@ def _common(a: tuple, b: tuple) -> int:
     return n
 
 
+def _cut(start: int, stop: int, pieces: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into at most ``pieces`` runs of (nearly) equal length."""
+    n = max(1, min(pieces, stop - start))
+    return [(start + (stop - start) * i // n, start + (stop - start) * (i + 1) // n) for i in range(n)]
+
+
 def prefix_order(jobs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     """``(candidate, ...)`` jobs with the candidates that remove later units first (their unit indices compared
     from the first removed unit on, larger first; other keys keep their place after them): a candidate run after
@@ -345,6 +351,7 @@ class EvaluatorPool:
         self._units = list(self.info[0]["units"]) if self.info else []
         self._ran: list[dict] = [{} for _ in self.actors]  # per actor: sentences -> units kept by its latest tasks on them
         self.lockstep = all(i.get("lockstep") for i in self.info)  # racing chunks of several prune sets in one task
+        self.exact_rows = all(i.get("exact_rows") for i in self.info)  # a sentence decodes the same in any batch
 
     @property
     def size(self) -> int:
@@ -435,36 +442,53 @@ class EvaluatorPool:
     def sentence_stats(self, jobs: Iterable[tuple], horizon: int | None = None) -> Iterator[tuple[Any, dict]]:
         """Spread ``(key, removed, directions, start, stop)`` racing chunks of a race over the first ``horizon``
         sentences over the actors; yield ``(key, per-sentence statistics per direction)`` as they finish
-        (:meth:`EvaluatorActor.sentence_stats`). Where the actors decode prune sets in lockstep (``lockstep``), the
-        chunks of the same sentences are cut into one task per actor (:meth:`_groups`), each decoding its prune sets
-        together (:meth:`EvaluatorActor.sentence_stats_group`)."""
+        (:meth:`EvaluatorActor.sentence_stats`; ``start`` added: where the piece starts). Where the actors decode
+        prune sets in lockstep (``lockstep``), the chunks of the same sentences are one task (:meth:`_groups`),
+        decoding its prune sets together (:meth:`EvaluatorActor.sentence_stats_group`)."""
         calls = []
         for group in self._groups(list(jobs)):
             (key, removed, d, s, e), rest = group[0], group[1:]
             if not rest:
-                calls.append(((key,), lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon),
+                calls.append(((key, s), lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon),
                               self._place(removed, d, s, e)))
             else:
                 sets = [list(j[1]) for j in group]
-                calls.append((tuple(j[0] for j in group),
+                calls.append(((tuple(j[0] for j in group), s),
                               lambda a, sets=sets, d=d, s=s, e=e: a.sentence_stats_group.remote(sets, list(d), s, e, horizon),
                               self._place(removed, d, s, e)))
-        for keys, result in self._spread(calls):
-            yield from zip(keys, result if isinstance(result, list) else [result])
+        for (keys, s), result in self._spread(calls):
+            if isinstance(result, list):
+                yield from ((k, {**r, "start": s}) for k, r in zip(keys, result))
+            else:
+                yield keys, {**result, "start": s}
+
+    def race_tasks(self, chunks: list[tuple]) -> list[tuple]:
+        """Racing chunks ``(key, removed, directions, start, stop)`` cut into pieces of the same shape (a key's pieces
+        make its chunk) that share a round out evenly over the actors, so that none waits for the others at its end.
+        Where rows are exact (a sentence decodes the same in any batch): in lockstep, each run of sentences is cut
+        into one piece per actor, each with every prune set (one task per actor, :meth:`_groups`); otherwise each
+        chunk is a task, except the chunks left over when they do not divide evenly over the actors, cut by
+        sentences into one piece per actor (all directions together: fuller batches than one direction each).
+        Where rows are not exact (decoded in blocks), the leftovers are cut by direction instead, never a block.
+        Chunks of candidates that remove later units go first (:func:`prefix_order`)."""
+        chunks = prefix_order(chunks)
+        k = self.size
+        if self.exact_rows and self.lockstep:
+            return [(key, r, d, a, b) for key, r, d, s, e in chunks for a, b in _cut(s, e, k)]
+        whole = len(chunks) - len(chunks) % k
+        if self.exact_rows:
+            return chunks[:whole] + [(key, r, d, a, b) for key, r, d, s, e in chunks[whole:] for a, b in _cut(s, e, k)]
+        return chunks[:whole] + [(key, r, [one], s, e) for key, r, d, s, e in chunks[whole:] for one in d]
 
     def _groups(self, jobs: list[tuple]) -> list[list[tuple]]:
         """Racing chunks as tasks: one each, or, where the actors decode in lockstep, the chunks of the same
-        sentences (directions, start, stop) in at most one task per actor, dealt out in turn."""
+        sentences (directions, start, stop) in one task (:meth:`race_tasks` cuts a round's sentences for the actors)."""
         if not self.lockstep:
             return [[j] for j in jobs]
         same: dict[tuple, list[tuple]] = {}
         for j in jobs:
             same.setdefault((tuple(map(tuple, j[2])), j[3], j[4]), []).append(j)
-        groups = []
-        for members in same.values():  # dealt out in turn: a step's encoder sets, costlier, spread over the tasks
-            k = min(self.size, len(members))
-            groups += [members[i::k] for i in range(k)]
-        return groups
+        return list(same.values())
 
     def split(self, jobs: list[tuple[Any, list[Direction]]]) -> list[tuple[Any, list[Direction]]]:
         """``(key, directions)`` tasks from ``(key, directions)`` jobs: one task per job with every direction

@@ -147,17 +147,18 @@ def _bootstrap(stats: dict, directions: list, metric_name: str, samples: int, se
     rng = np.random.default_rng(seed)
     point = np.zeros(len(cands))
     boot = np.zeros((samples, len(cands)))
-    rows = np.arange(samples)[:, None]
     for d in directions:
         s = np.stack([np.asarray(stats[c][d], dtype=np.float64) for c in cands])  # (C, m, k)
-        m = s.shape[1]
+        c, m, k = s.shape
         point += corpus_score(metric_name, s.sum(axis=1), sacre)
         draws = rng.integers(0, m, size=(samples, m))
         if total is not None:  # the seen sentences once each, plus the unseen ones drawn from the resample
             draws = np.take_along_axis(draws, rng.integers(0, m, size=(samples, max(0, total - m))), axis=1)
-        weights = np.zeros((samples, m)) if total is None else np.ones((samples, m))
-        np.add.at(weights, (rows, draws), 1.0)
-        boot += corpus_score(metric_name, np.einsum("bm,cmk->bck", weights, s), sacre)
+        # how often each draw takes each sentence (+1 for the seen ones), then the draws' summed statistics
+        weights = np.bincount((draws + m * np.arange(samples)[:, None]).ravel(), minlength=samples * m)
+        weights = weights.reshape(samples, m).astype(np.float64) + (0.0 if total is None else 1.0)
+        summed = (weights @ s.transpose(1, 0, 2).reshape(m, c * k)).reshape(samples, c, k)
+        boot += corpus_score(metric_name, summed, sacre)
     return point / len(directions), boot / len(directions)
 
 

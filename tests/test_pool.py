@@ -103,14 +103,29 @@ def test_a_step_candidate_runs_where_its_base_set_left_its_states(ray_cluster, t
         # other sentences: nothing kept anywhere, the calls run in order on the free actors
         got = dict(pool.sentence_stats([(u, ["layer.1", u], dirs, 4, 8) for u in ("layer.0", "layer.3")], 8))
         assert got["layer.0"]["actor"] == pool.names[0]
+        # a round of three chunks on two actors: two whole, the one left over cut by sentences, one piece per actor
+        # (all directions together), which put together in order are its chunk
+        two = [("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")]
+        chunks = [(u, [u], two, 0, 8) for u in ("layer.0", "layer.2", "layer.3")]
+        tasks = pool.race_tasks(chunks)
+        cut = [k for k, *_, e in tasks if e == 4]
+        assert len(cut) == 1 and sorted((s, e) for k, _, d, s, e in tasks if k == cut[0] and d == two) == [(0, 4), (4, 8)]
+        assert sorted(k for k, *_, s, e in tasks if (s, e) == (0, 8)) == sorted({u for u, *_ in chunks} - set(cut))
+        pieces = sorted(pool.sentence_stats(tasks, 8), key=lambda kp: kp[1]["start"])
+        whole = ray.get(pool.actors[0].sentence_stats.remote([cut[0]], two, 0, 8, 8))
+        mine = [p for k, p in pieces if k == cut[0]]
+        for i in range(len(two)):
+            assert [x for p in mine for x in p["parts"][i]["stats"]] == whole["parts"][i]["stats"]
+            assert [x for p in mine for x in p["parts"][i]["hyps"]] == whole["parts"][i]["hyps"]
     finally:
         pool.shutdown()
 
 
 def test_racing_chunks_of_several_prune_sets_share_one_task_per_actor(ray_cluster, tiny_encdec):
     """Where actors decode in lockstep (encoder-decoder, greedy loop on CPU), the racing chunks of the same sentences
-    go out as one task per actor, each decoding its prune sets together: every prune set's hypotheses and sentence
-    statistics are those of its own task, and the chunks of other sentences still run on their own."""
+    go out as one task, decoding its prune sets together: every prune set's hypotheses and sentence statistics are
+    those of its own task, and the chunks of other sentences still run on their own. A round's sentences are cut
+    into one run per actor, each with every prune set; put together in order, the pieces are the whole chunk."""
     ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn", "fra_Latn"]).subsample(12)
     pool = EvaluatorPool(ModelConfig(str(tiny_encdec)), ds, EvalSettings(spm="reference"), Resources(actors=2),
                          run="locktest")
@@ -119,12 +134,23 @@ def test_racing_chunks_of_several_prune_sets_share_one_task_per_actor(ray_cluste
         dirs = [("eng_Latn", "deu_Latn"), ("fra_Latn", "eng_Latn")]
         sets = [["enc.0"], ["dec.1"], ["enc.1", "dec.0"], ["dec.0", "dec.2"], []]
         jobs = [(i, r, dirs, 4, 8) for i, r in enumerate(sets)] + [("other", ["enc.2"], dirs, 0, 4)]
-        assert sorted(len(g) for g in pool._groups(jobs)) == [1, 2, 3]
+        assert sorted(len(g) for g in pool._groups(jobs)) == [1, 5]
         got = dict(pool.sentence_stats(jobs, 12))
         assert set(got) == {*range(len(sets)), "other"}
         for key, r, d, start, stop in jobs:
             alone = ray.get(pool.actors[1].sentence_stats.remote(r, d, start, stop, 12))
             assert got[key]["parts"] == alone["parts"] and got[key]["params"] == alone["params"], key
-            assert got[key]["sentences"] == 8
+            assert got[key]["sentences"] == 8 and got[key]["start"] == start
+        # a round cut for the actors: two runs of sentences, each with all five prune sets; the same statistics
+        tasks = pool.race_tasks(jobs[:-1])
+        assert sorted((s, e) for *_, s, e in tasks) == [(4, 6)] * 5 + [(6, 8)] * 5
+        assert sorted(len(g) for g in pool._groups(tasks)) == [5, 5]
+        pieces = sorted(pool.sentence_stats(tasks, 12), key=lambda kp: kp[1]["start"])
+        for key, r, d, start, stop in jobs[:-1]:
+            mine = [p for k, p in pieces if k == key]
+            assert [p["start"] for p in mine] == [4, 6]
+            for i in range(len(dirs)):
+                assert [x for p in mine for x in p["parts"][i]["stats"]] == got[key]["parts"][i]["stats"], key
+                assert [x for p in mine for x in p["parts"][i]["hyps"]] == got[key]["parts"][i]["hyps"], key
     finally:
         pool.shutdown()
