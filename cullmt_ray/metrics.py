@@ -98,6 +98,9 @@ def resolve_spm(spm: str) -> str | Path:
     return path
 
 
+SENTENCE_STATS_KEPT = 50_000  # per metric and references: a sentence's statistics are a few dozen numbers
+
+
 @dataclass
 class Scorer:
     """Computes the configured metrics for one direction at a time."""
@@ -111,6 +114,7 @@ class Scorer:
             raise MetricError(f"unknown metric {unknown[0]!r}: expected one of {', '.join(DECODED)}")
         self._options = {"bleu": {}, "chrf++": {"word_order": 2}}  # what each metric is built with
         self._with_refs: dict = {}  # (metric, refs key) -> the metric with those references cached (score(key=))
+        self._sentence_stats: dict = {}  # (metric, refs key) -> {(sentence, hypothesis): its statistics}
         self._bleu = BLEU(**self._options["bleu"])
         self._chrf = CHRF(**self._options["chrf++"])
         self._spbleu = None
@@ -147,10 +151,27 @@ class Scorer:
             elif key is not None and not (m == "spbleu" and isinstance(metric.tokenizer, LocalSpmTokenizer)):
                 if (m, key) not in self._with_refs:
                     self._with_refs[m, key] = type(metric)(**self._options[m], references=[refs])
-                score = self._with_refs[m, key].corpus_score(hyps, None).score
+                score = self._with_refs[m, key]._compute_score_from_stats(sum_of_lists(self._stats_of(m, key, hyps))).score
             else:
                 score = metric.corpus_score(hyps, [refs]).score
             out[m] = round(score, 4)
+        return out
+
+    def _stats_of(self, m: str, key: Hashable, hyps: list[str]) -> list:
+        """Per-sentence statistics of ``hyps`` against the references cached under ``key`` (what sacrebleu's
+        ``corpus_score`` sums), each sentence's kept: a hypothesis seen before for the same sentence (a prune set
+        and the one it grew from agree on many) is not scored again. Bounded: at most ``SENTENCE_STATS_KEPT``
+        sentences per metric and references, the oldest dropped first."""
+        metric, kept = self._with_refs[m, key], self._sentence_stats.setdefault((m, key), {})
+        out = []
+        for i, hyp in enumerate(hyps):
+            got = kept.get((i, hyp))
+            if got is None:
+                got = kept[i, hyp] = metric._compute_segment_statistics(metric._preprocess_segment(hyp),
+                                                                        metric._ref_cache[i])
+                if len(kept) > SENTENCE_STATS_KEPT:
+                    kept.pop(next(iter(kept)))
+            out.append(got)
         return out
 
     def sentence_stats(self, hyps: list[str], refs: list[str], metric: str) -> list[list[int]]:

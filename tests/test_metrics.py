@@ -23,6 +23,28 @@ def test_scores_match_sacrebleu_and_carry_signatures():
     assert s.score(REF, REF)["spbleu"] == 100.0
 
 
+def test_scores_with_cached_references_keep_each_sentences_statistics(monkeypatch):
+    """Scored against references kept under a key, a hypothesis seen before for the same sentence is not scored
+    again, and every corpus score is still sacrebleu's (its corpus_score on the same lists)."""
+    from sacrebleu.metrics import CHRF
+
+    from cullmt_ray.data import load_devset
+
+    refs = list(load_devset("builtin:demo").lines["deu_Latn"][:30])
+    first = [r if i % 2 else " ".join(reversed(r.split())) for i, r in enumerate(refs)]
+    second = [h if i % 3 else h + " noch" for i, h in enumerate(first)]  # a third of the sentences differ
+    want = [(round(sacrebleu.corpus_bleu(h, [refs]).score, 4), round(sacrebleu.corpus_chrf(h, [refs], word_order=2).score, 4))
+            for h in (first, second, first)]
+    s = Scorer(spm="reference")
+    computed = []
+    seg = CHRF._compute_segment_statistics
+    monkeypatch.setattr(CHRF, "_compute_segment_statistics", lambda self, *a: computed.append(1) or seg(self, *a))
+    for hyps, (bleu, chrf) in zip((first, second, first), want):
+        got = s.score(hyps, refs, key=("deu", 30))
+        assert (got["bleu"], got["chrf++"]) == (bleu, chrf)
+    assert len(computed) == 30 + 10  # the first list, then the changed third of the second; the first again: none
+
+
 def test_flores200_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("SACREBLEU", str(tmp_path))  # an empty sacrebleu cache
     import importlib
