@@ -98,7 +98,7 @@ def resolve_spm(spm: str) -> str | Path:
     return path
 
 
-SENTENCE_STATS_KEPT = 50_000  # per metric and references: a sentence's statistics are a few dozen numbers
+SENTENCE_STATS_KEPT = 60_000  # sentences' statistics kept by a Scorer (a few dozen numbers each: ~50 MiB at most)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Scorer:
             raise MetricError(f"unknown metric {unknown[0]!r}: expected one of {', '.join(DECODED)}")
         self._options = {"bleu": {}, "chrf++": {"word_order": 2}}  # what each metric is built with
         self._with_refs: dict = {}  # (metric, refs key) -> the metric with those references cached (score(key=))
-        self._sentence_stats: dict = {}  # (metric, refs key) -> {(sentence, hypothesis): its statistics}
+        self._sentence_stats: dict = {}  # (metric, refs key, sentence, hypothesis) -> its statistics, least recent first
         self._bleu = BLEU(**self._options["bleu"])
         self._chrf = CHRF(**self._options["chrf++"])
         self._spbleu = None
@@ -161,16 +161,16 @@ class Scorer:
         """Per-sentence statistics of ``hyps`` against the references cached under ``key`` (what sacrebleu's
         ``corpus_score`` sums), each sentence's kept: a hypothesis seen before for the same sentence (a prune set
         and the one it grew from agree on many) is not scored again. Bounded: at most ``SENTENCE_STATS_KEPT``
-        sentences per metric and references, the oldest dropped first."""
-        metric, kept = self._with_refs[m, key], self._sentence_stats.setdefault((m, key), {})
+        sentences in all, the least recently used dropped first."""
+        metric, kept = self._with_refs[m, key], self._sentence_stats
         out = []
         for i, hyp in enumerate(hyps):
-            got = kept.get((i, hyp))
+            got = kept.pop((m, key, i, hyp), None)
             if got is None:
-                got = kept[i, hyp] = metric._compute_segment_statistics(metric._preprocess_segment(hyp),
-                                                                        metric._ref_cache[i])
-                if len(kept) > SENTENCE_STATS_KEPT:
+                got = metric._compute_segment_statistics(metric._preprocess_segment(hyp), metric._ref_cache[i])
+                if len(kept) >= SENTENCE_STATS_KEPT:
                     kept.pop(next(iter(kept)))
+            kept[m, key, i, hyp] = got
             out.append(got)
         return out
 

@@ -149,7 +149,7 @@ def _bootstrap(stats: dict, directions: list, metric_name: str, samples: int, se
     boot = np.zeros((samples, len(cands)))
     for d in directions:
         s = np.stack([np.asarray(stats[c][d], dtype=np.float64) for c in cands])  # (C, m, k)
-        c, m, k = s.shape
+        n_cands, m, k = s.shape
         point += corpus_score(metric_name, s.sum(axis=1), sacre)
         draws = rng.integers(0, m, size=(samples, m))
         if total is not None:  # the seen sentences once each, plus the unseen ones drawn from the resample
@@ -157,7 +157,7 @@ def _bootstrap(stats: dict, directions: list, metric_name: str, samples: int, se
         # how often each draw takes each sentence (+1 for the seen ones), then the draws' summed statistics
         weights = np.bincount((draws + m * np.arange(samples)[:, None]).ravel(), minlength=samples * m)
         weights = weights.reshape(samples, m).astype(np.float64) + (0.0 if total is None else 1.0)
-        summed = (weights @ s.transpose(1, 0, 2).reshape(m, c * k)).reshape(samples, c, k)
+        summed = (weights @ s.transpose(1, 0, 2).reshape(m, n_cands * k)).reshape(samples, n_cands, k)
         boot += corpus_score(metric_name, summed, sacre)
     return point / len(directions), boot / len(directions)
 

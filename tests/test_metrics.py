@@ -43,6 +43,12 @@ def test_scores_with_cached_references_keep_each_sentences_statistics(monkeypatc
         got = s.score(hyps, refs, key=("deu", 30))
         assert (got["bleu"], got["chrf++"]) == (bleu, chrf)
     assert len(computed) == 30 + 10  # the first list, then the changed third of the second; the first again: none
+    # bounded: with room for 25 sentences' statistics, the same scores, and no more kept than that
+    monkeypatch.setattr("cullmt_ray.metrics.SENTENCE_STATS_KEPT", 25)
+    small = Scorer(spm="reference")
+    for hyps, (bleu, chrf) in zip((first, second, first), want):
+        got = small.score(hyps, refs, key=("deu", 30))
+        assert (got["bleu"], got["chrf++"]) == (bleu, chrf) and len(small._sentence_stats) <= 25
 
 
 def test_flores200_missing_is_a_clear_error(monkeypatch, tmp_path):
