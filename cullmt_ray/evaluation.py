@@ -151,7 +151,7 @@ class EvaluationService:
         desc = {"model": model_fingerprint(self.cfg.model.name), "units": info["units"], "dtype": dtype,
                 "eval": describe(self.devset, directions), "metric": self.cfg.metric.primary,
                 "signatures": info["signatures"], "decoding": self.cfg.decoding.__dict__.copy()}
-        if self.racing and not info.get("exact_rows"):
+        if self.racing and not self.pool.exact_rows:
             # racing decodes in blocks (EvalSettings.block): a context of its own, unless rows are exact (the
             # actors' greedy loop decodes every sentence of a block as the plain decoding does)
             desc["decoding"]["block"] = self.cfg.search.racing_chunk

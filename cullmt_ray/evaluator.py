@@ -473,7 +473,7 @@ class EvaluatorPool:
         Chunks of candidates that remove later units go first (:func:`prefix_order`)."""
         chunks = prefix_order(chunks)
         k = self.size
-        if self.exact_rows and self.lockstep:
+        if self.lockstep:  # lockstep only where rows are exact (EvaluatorActor.ready)
             return [(key, r, d, a, b) for key, r, d, s, e in chunks for a, b in _cut(s, e, k)]
         whole = len(chunks) - len(chunks) % k
         if self.exact_rows:

@@ -377,7 +377,7 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
         with ray_quiet():
             pool = EvaluatorPool(cfg.model, ds, settings, cfg.resources, run=run_id)
         service = EvaluationService(cfg, pool, store, ds, run_id,
-                                    racing=cfg.search.races(verb, bool(pool.info[0].get("exact_rows"))))
+                                    racing=cfg.search.races(verb, pool.exact_rows))
         calib = service.evalset(calib_dirs)
         held = service.evalset(held_dirs) if held_dirs else None
         session = Session(cfg, run_id, run_dir if folder else None, service, calib, held, status)
