@@ -44,12 +44,14 @@ def _load() -> dict:
     return json.loads(OUT.read_text()) if OUT.exists() else {}
 
 
-def _search(model: str, tmp: Path, name: str, extra: list[str], sentences: int, env_extra: dict | None = None) -> dict:
-    """One ``cullmt-ray search`` in a subprocess (its own Ray cluster), fresh store; its facts."""
+def _search(model: str, tmp: Path, name: str, extra: list[str], sentences: int, env_extra: dict | None = None,
+            store: Path | None = None) -> dict:
+    """One ``cullmt-ray search`` in a subprocess (its own Ray cluster), fresh store (or ``store``); its facts."""
     out = tmp / name
     cmd = [sys.executable, "-m", "cullmt_ray.cli", "-q", "search", "--set", f"model.name={model}",
            "--set", f"data.max_sentences={sentences}", "--set", f"output.dir={out}",
-           "--set", f"output.store={out / 'store.sqlite'}", "--set", f"name={name}", *sum((["--set", e] for e in extra), [])]
+           "--set", f"output.store={store or out / 'store.sqlite'}", "--set", f"name={name}",
+           *sum((["--set", e] for e in extra), [])]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CULLMT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     load = os.getloadavg()[0]
     t = time.perf_counter()
@@ -118,6 +120,8 @@ def part_greedy(args) -> dict:
                     "same_pareto_front": same[2],
                     "same_decision_every_step": all([a[0] for a in x["steps"]] == [b[0] for b in plain["steps"]]
                                                     for x in rounds[name])}
+            last = args.rounds - 1
+            res["floor"] = _floor(model, tmp, tag, last, args, plain["wall_seconds"])
             out[tag] = res
             print(tag, {k: v for k, v in res.items() if k not in VARIANTS}, flush=True)
     finally:
@@ -125,6 +129,35 @@ def part_greedy(args) -> dict:
     return {"greedy": {"sentences": args.sentences, "racing_chunk": args.chunk, "confidence": 0.99, "rounds": args.rounds,
                        "variants": {k: {"env": e, "set": v} for k, (e, v) in VARIANTS.items()},
                        "settings": "demo: 6 English-centric directions, threshold 2.0, 2 actors x 1 CPU", **out}}
+
+
+def _floor(model: str, tmp: Path, tag: str, r: int, args, plain_wall: float) -> dict:
+    """What the fast search could take at best with its decoding as it is: the fixed cost of a search (plain rerun on
+    its own store: every evaluation read, none decoded: start-up, strategy, files, exit) plus the actor time of the
+    fast run's full evaluations (baseline, step winners, ties, front points) and of each raced-out candidate's first
+    chunk only (every loser out after one round), spread over the actors with none idle."""
+    import sqlite3
+
+    env, sets = VARIANTS["plain"]
+    fixed = _search(model, tmp, f"cached-{tag}", sets, args.sentences, env, store=tmp / f"plain-{tag}-{r}" / "store.sqlite")
+    assert fixed["sentences_decoded"] == 0, fixed["sentences_decoded"]
+    con = sqlite3.connect(tmp / f"fast-{tag}-{r}" / "store.sqlite")
+    raced = {c for (c,) in con.execute("SELECT context FROM contexts WHERE description LIKE '%\"raced\"%'")}
+    full_s, first_s, rows = 0.0, 0.0, 0
+    for ctx, seconds, sentences, n_dirs in con.execute(
+            "SELECT context, seconds, sentences, (SELECT count(*) FROM json_each(metrics, '$.spbleu')) - 2 "
+            "FROM evaluations"):  # a raced-out spbleu entry holds its directions, the mean and the upper bound
+        if ctx in raced:
+            first_s += seconds * min(1.0, args.chunk * n_dirs / sentences)
+        else:
+            full_s += seconds
+            rows += sentences
+    con.close()
+    actors = 2
+    floor = fixed["wall_seconds"] + (full_s + first_s) / actors
+    return {"fixed_seconds": fixed["wall_seconds"], "full_evaluations_actor_seconds": round(full_s, 2),
+            "raced_out_first_chunks_actor_seconds": round(first_s, 2), "actors": actors,
+            "floor_seconds": round(floor, 1), "floor_over_plain": round(floor / plain_wall, 3)}
 
 
 def part_candidate(args) -> dict:

@@ -27,6 +27,9 @@ log = logging.getLogger("cullmt_ray")
 
 RACED = ("greedy", "beam")  # strategies whose steps search.racing races (they rank partial evaluations last)
 RACED_KEPT = 64  # raced-out candidates whose hypotheses a run keeps, for completing the Pareto front
+# a race round's leaders whose next chunk an actor runs when the round leaves it idle (its other tasks taken, others
+# still running): decoded ahead, used by the next round unless the leader is raced out first
+FILLERS = 2
 
 
 class _Left(NamedTuple):
@@ -269,7 +272,9 @@ class EvaluationService:
         evaluation decodes it), let a paired bootstrap drop those clearly below the ``keep``-th best or
         below ``floor`` (the acceptance line), and let the survivors run to the end of the dev set:
         their hypotheses, scored with every metric as the actors score them, are their full evaluation
-        (stored in ``es``'s context, as without racing). A dropped candidate is stored in the race's
+        (stored in ``es``'s context, as without racing). From the second round on, an actor that a round leaves
+        idle (its tasks taken, other actors' still running) decodes the next chunk of one of the last round's leaders
+        meanwhile (``FILLERS``), which the next round then skips. A dropped candidate is stored in the race's
         own context with its score on the sentences it saw and comes back ``partial`` (it ranks below
         every full score). Candidates already in the store are not recomputed where a resumed step
         has them all, and one an earlier race dropped is not raced again. The race claims its candidates as
@@ -315,12 +320,23 @@ class EvaluationService:
         hyps = {c: {d: [] for d in names} for c in todo}
         cost = {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in todo}
         alive, left, seen, rnd = list(todo), {}, 0, 0
+        ahead: dict[Candidate, tuple[int, int]] = {}  # a leader's next chunk run ahead by an idle actor (FILLERS)
+        fillers = {"used": 0, "dropped": 0, "dropped_sentences": 0}
+        scores: dict[Candidate, float] = {}  # the last round's (none before the first: no fillers in it)
         t0 = time.perf_counter()
         while seen < n:  # the survivors go on to the end: their race decoding is their full evaluation
             # once the race is decided (no more than ``keep`` left), the rest of the dev set in one go
             stop = next_stop(seen, n, sc.racing_chunk) if len(alive) > keep else n
-            for c, part in self._race_chunks([(c, c.units, names, seen, stop) for c in alive], n):
+            chunks = [(c, c.units, names, ahead[c][1] if c in ahead else seen, stop) for c in alive]
+            after = next_stop(stop, n, sc.racing_chunk)
+            fill = [(c, c.units, names, stop, after) for c in sorted(scores, key=lambda c: -scores[c]) if c in alive]
+            fill = fill[:FILLERS] if len(alive) > keep and stop < n else []
+            parts = self._race_chunks([ch for ch in chunks if ch[3] < ch[4]], n, fill)
+            parts += [(c, {**self.pool.filled((c, s)), "start": s}) for c, (s, _) in ahead.items()]
+            fillers["used"] += len(ahead)
+            for c, part in sorted(parts, key=lambda cp: cp[1]["start"]):
                 _add_part(part, hyps[c], cost[c], stats[c])
+            ahead = {c: (s, e) for c, _, _, s, e in fill if self.pool.holds((c, s))}
             seen, rnd = stop, rnd + 1
             if len(alive) > keep and seen < n:
                 res = race_round({c: {d: np.asarray(stats[c][d]) for d in names} for c in alive}, names,
@@ -328,7 +344,13 @@ class EvaluationService:
                                  seed=rnd, sacre=sacre, total=n)
                 for c, why in res.out.items():
                     left[c] = _Left(res.scores[c], seen, why, res.upper[c], *res.margin[c])
+                    if c in ahead:  # run ahead for nothing: its sentences count as generated all the same
+                        s, e = ahead.pop(c)
+                        self.pool.drop((c, s))
+                        fillers["dropped"] += 1
+                        fillers["dropped_sentences"] += (e - s) * len(names)
                 alive = [c for c in alive if c not in res.out]
+                scores = res.scores
         out: dict[Candidate, Evaluation] = {}
         m = es.metric
         for c in alive:  # full evaluations: every sentence decoded in the race, scored as the actors do
@@ -363,9 +385,11 @@ class EvaluationService:
             if not race_hit[c]:  # what it decoded, should the front need its full score (complete_front)
                 self._keep(self._raced, (es.context, c), _Decoded(lc.seen, hyps[c], cost[c], stats[c]))
         self.budget.requested += len(candidates) * n * len(names)
+        self.budget.sentences += fillers["dropped_sentences"]
         self.race_log.append({"candidates": len(todo), "rounds": rnd, "survivors": [c.units for c in alive],
-                              "decoded_sentences": sum(k["sentences"] for k in cost.values()),
+                              "decoded_sentences": sum(k["sentences"] for k in cost.values()) + fillers["dropped_sentences"],
                               "plain_sentences": len(todo) * n * len(names), "seconds": round(time.perf_counter() - t0, 2),
+                              "fillers": fillers,
                               "out": {"+".join(c.units): {"seen": lc.seen, "why": lc.why, "score": round(lc.score, 4),
                                                           "upper": out[c].metrics[m.name].get("upper")}
                                       for c, lc in left.items()}})
@@ -485,11 +509,12 @@ class EvaluationService:
             self._keep(self._stats, (es.context, c), kept[c].stats)
         return out
 
-    def _race_chunks(self, chunks: list[tuple], n: int) -> list[tuple[Candidate, dict]]:
+    def _race_chunks(self, chunks: list[tuple], n: int, fillers: list[tuple] = ()) -> list[tuple[Candidate, dict]]:
         """Decode racing chunks ``(candidate, removed, directions, start, stop)`` of a race over ``n`` sentences,
         cut for the actors (:meth:`EvaluatorPool.race_tasks`): ``(candidate, part)`` for each piece, in sentence
-        order (a candidate's pieces then extend its hypotheses and statistics in order)."""
-        parts = list(self.pool.sentence_stats(self.pool.race_tasks(chunks), n))
+        order (a candidate's pieces then extend its hypotheses and statistics in order). ``fillers``: chunks an
+        actor left idle by the others runs meanwhile, not waited for (:meth:`EvaluatorPool.sentence_stats`)."""
+        parts = list(self.pool.sentence_stats(self.pool.race_tasks(chunks), n, fillers))
         return sorted(parts, key=lambda cp: cp[1]["start"])
 
     @staticmethod

@@ -350,6 +350,8 @@ class EvaluatorPool:
         self.metric = settings.metric
         self._units = list(self.info[0]["units"]) if self.info else []
         self._ran: list[dict] = [{} for _ in self.actors]  # per actor: sentences -> units kept by its latest tasks on them
+        self._held: dict[ray.ObjectRef, tuple[int, Any]] = {}  # filler calls running: ref -> (actor, key; None: dropped)
+        self._filled: dict[Any, ray.ObjectRef] = {}  # filler calls finished, not yet taken: key -> ref
         self.lockstep = all(i.get("lockstep") for i in self.info)  # racing chunks of several prune sets in one task
         self.exact_rows = all(i.get("exact_rows") for i in self.info)  # a sentence decodes the same in any batch
 
@@ -404,17 +406,23 @@ class EvaluatorPool:
         while len(self._ran[j]) > RAN_BATCHES:
             self._ran[j].pop(next(iter(self._ran[j])))
 
-    def _spread(self, calls: Iterable[tuple]) -> Iterator[tuple[Any, Any]]:
+    def _spread(self, calls: Iterable[tuple], fillers: Iterable[tuple] = ()) -> Iterator[tuple[Any, Any]]:
         """Run ``(key, actor -> ObjectRef[, placement key])`` calls, one at a time per actor; yield ``(key, result)``
         as they finish (every actor stays busy while calls are left). A free actor takes the first call that shares
         the most more first units with what it ran on the same sentences than with what any other actor ran
         (:meth:`_place`): a greedy step's candidates then reuse the states their base set left on an actor. Calls
-        without a placement key run in order."""
+        without a placement key run in order.
+
+        ``fillers`` (calls of the same shape, in order) run only on an actor that has no call left to take while
+        others still run, and are not waited for: the generator ends when ``calls`` are done, and a filler's result
+        is taken later (:meth:`filled`). An actor running one is busy for every call until it finishes."""
         pending = [c if len(c) > 2 else (*c, None) for c in calls]
+        fill = [c if len(c) > 2 else (*c, None) for c in fillers]
         n = len(self.actors)
         shared = [[self._shared(j, c[2]) if c[2] is not None else 0 for j in range(n)] for c in pending]
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
-        free = list(range(n))
+        busy = {i for i, _ in self._held.values()}
+        free = [j for j in range(n) if j not in busy]
         while True:
             while free and pending:
                 i = free.pop(0)
@@ -428,9 +436,21 @@ class EvaluatorPool:
                         if c[2] is not None and c[2][0] == nxt[2][0]:
                             shared[k][i] = max(shared[k][i], _common(c[2][1], nxt[2][1]))
                 running[nxt[1](self.actors[i])] = (i, nxt[0])
-            if not running:
+            while free and fill and running:  # nothing left to take, others still running: a filler
+                i = free.pop(0)
+                key, call, place = fill.pop(0)
+                if place is not None:
+                    self._ran_on(i, place)
+                self._held[call(self.actors[i])] = (i, key)
+            if not running and not pending:  # (calls still pending, none running: every actor runs a filler)
                 return
-            done, _ = ray.wait(list(running), num_returns=1)
+            done, _ = ray.wait([*running, *self._held], num_returns=1)
+            if done[0] in self._held:
+                i, key = self._held.pop(done[0])
+                free.append(i)
+                if key is not None:
+                    self._filled[key] = done[0]
+                continue
             i, key = running.pop(done[0])
             free.append(i)
             try:
@@ -439,12 +459,38 @@ class EvaluatorPool:
                 raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
                                f"({type(e).__name__}); every finished evaluation is stored") from e
 
-    def sentence_stats(self, jobs: Iterable[tuple], horizon: int | None = None) -> Iterator[tuple[Any, dict]]:
+    def holds(self, key) -> bool:
+        """Whether a filler call of ``key`` was started (running or finished, not yet taken or dropped)."""
+        return key in self._filled or any(k == key for _, k in self._held.values())
+
+    def filled(self, key) -> Any:
+        """The result of the filler call of ``key`` (:meth:`_spread`), waiting for it if it still runs."""
+        ref = self._filled.pop(key, None)
+        if ref is None:
+            ref = next(r for r, (_, k) in self._held.items() if k == key)
+            del self._held[ref]  # its actor is free once ray.get returns
+        try:
+            return ray.get(ref)
+        except RayActorError as e:
+            raise RunError(f"an evaluator actor died and Ray could not restart it ({type(e).__name__}); every "
+                           f"finished evaluation is stored") from e
+
+    def drop(self, key) -> None:
+        """Forget the filler call of ``key``: its result is not wanted (it still occupies its actor until it ends)."""
+        self._filled.pop(key, None)
+        for ref, (i, k) in list(self._held.items()):
+            if k == key:
+                self._held[ref] = (i, None)
+
+    def sentence_stats(self, jobs: Iterable[tuple], horizon: int | None = None,
+                       fillers: Iterable[tuple] = ()) -> Iterator[tuple[Any, dict]]:
         """Spread ``(key, removed, directions, start, stop)`` racing chunks of a race over the first ``horizon``
         sentences over the actors; yield ``(key, per-sentence statistics per direction)`` as they finish
         (:meth:`EvaluatorActor.sentence_stats`; ``start`` added: where the piece starts). Where the actors decode
         prune sets in lockstep (``lockstep``), the chunks of the same sentences are one task (:meth:`_groups`),
-        decoding its prune sets together (:meth:`EvaluatorActor.sentence_stats_group`)."""
+        decoding its prune sets together (:meth:`EvaluatorActor.sentence_stats_group`). ``fillers``: chunks of the
+        same shape run only by an actor the others leave idle (:meth:`_spread`), each one task; the result of filler
+        ``(key, ..., start, stop)`` is taken with :meth:`filled` ``((key, start))``."""
         calls = []
         for group in self._groups(list(jobs)):
             (key, removed, d, s, e), rest = group[0], group[1:]
@@ -456,7 +502,9 @@ class EvaluatorPool:
                 calls.append(((tuple(j[0] for j in group), s),
                               lambda a, sets=sets, d=d, s=s, e=e: a.sentence_stats_group.remote(sets, list(d), s, e, horizon),
                               self._place(removed, d, s, e)))
-        for (keys, s), result in self._spread(calls):
+        fill = [((key, s), lambda a, r=removed, d=d, s=s, e=e: a.sentence_stats.remote(list(r), list(d), s, e, horizon),
+                 self._place(removed, d, s, e)) for key, removed, d, s, e in fillers]
+        for (keys, s), result in self._spread(calls, fill):
             if isinstance(result, list):
                 yield from ((k, {**r, "start": s}) for k, r in zip(keys, result))
             else:

@@ -154,3 +154,35 @@ def test_racing_chunks_of_several_prune_sets_share_one_task_per_actor(ray_cluste
                 assert [x for p in mine for x in p["parts"][i]["hyps"]] == got[key]["parts"][i]["hyps"], key
     finally:
         pool.shutdown()
+
+
+def test_fillers_run_on_an_idle_actor_and_are_taken_later(ray_cluster, tiny_llama):
+    """A race round's fillers (a leader's next chunk) start only on an actor the round's tasks leave idle, are not
+    waited for, and give the same statistics as the chunk's own task; a dropped filler frees its actor when it ends,
+    and calls made meanwhile still all run."""
+    ds = load_devset("builtin:demo", ["eng_Latn", "deu_Latn"]).subsample(12)
+    pool = EvaluatorPool(ModelConfig(str(tiny_llama)), ds, EvalSettings(spm="reference"), Resources(actors=2),
+                         run="filltest")
+    try:
+        dirs = [("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")]
+        job = ("lead", ["layer.1"], dirs, 0, 4)
+        fillers = [("lead", ["layer.1"], dirs, 4, 8), ("next", ["layer.0"], dirs, 4, 8)]
+        got = dict(pool.sentence_stats([job], 12, fillers))
+        assert set(got) == {"lead"} and got["lead"]["start"] == 0
+        # one task for two actors: the other one took the first filler at once; the second ran only if the first
+        # ended before the task did
+        assert pool.holds(("lead", 4)) and not pool.holds(("lead", 0))
+        for key, removed, d, s, e in fillers:
+            if pool.holds((key, s)):
+                alone = ray.get(pool.actors[0].sentence_stats.remote(removed, d, s, e, 12))
+                assert pool.filled((key, s))["parts"] == alone["parts"], key
+                assert not pool.holds((key, s))  # taken
+        pool.sentence_stats([job], 12, [("gone", ["layer.2"], dirs, 4, 12)]).__next__()  # a filler, then dropped
+        assert pool.holds(("gone", 4))
+        pool.drop(("gone", 4))
+        assert not pool.holds(("gone", 4))
+        jobs = [(i, [f"layer.{i}"], dirs, 0, 4) for i in range(3)]
+        assert sorted(k for k, _ in pool.sentence_stats(jobs, 12)) == [0, 1, 2]
+        assert all(k is None for _, k in pool._held.values()) and not pool._filled  # only the dropped one, if running
+    finally:
+        pool.shutdown()
