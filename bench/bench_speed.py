@@ -6,7 +6,8 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
   English-centric directions, threshold 2.0, 2 actors), fresh stores, in three variants: ``plain`` (HF generate,
   ``CULLMT_GREEDY_LOOP=0``, no racing: evaluation as before issue 15), ``loop`` (the greedy loop, no racing) and
   ``fast`` (the defaults: the loop and racing, front completed): wall ratios to plain, sentences decoded, same
-  final set, score, steps and Pareto front; ``--rounds`` rounds in rotating order, ratios of the medians.
+  final set, score, steps and Pareto front; ``--rounds`` rounds in rotating order, ratios of the medians; and a
+  floor per model: what the fast search could take at best with its decoding as it is (:func:`_floor`).
 - ``candidate``: one candidate (enc.1 + dec.4 removed, 48 sentences, 1 thread): cullmt-ray's route (the greedy
   loop, :mod:`cullmt_ray.families.greedy`) vs a naive ``deepcopy`` + delete + unsorted HF ``generate``, plus a
   decoder-only candidate with the encoder cache; and the route with the loop vs with HF ``generate``.
@@ -120,8 +121,7 @@ def part_greedy(args) -> dict:
                     "same_pareto_front": same[2],
                     "same_decision_every_step": all([a[0] for a in x["steps"]] == [b[0] for b in plain["steps"]]
                                                     for x in rounds[name])}
-            last = args.rounds - 1
-            res["floor"] = _floor(model, tmp, tag, last, args, plain["wall_seconds"])
+            res["floor"] = _floor(model, tmp, tag, args.rounds - 1, args, plain["wall_seconds"])
             out[tag] = res
             print(tag, {k: v for k, v in res.items() if k not in VARIANTS}, flush=True)
     finally:
@@ -143,7 +143,7 @@ def _floor(model: str, tmp: Path, tag: str, r: int, args, plain_wall: float) -> 
     assert fixed["sentences_decoded"] == 0, fixed["sentences_decoded"]
     con = sqlite3.connect(tmp / f"fast-{tag}-{r}" / "store.sqlite")
     raced = {c for (c,) in con.execute("SELECT context FROM contexts WHERE description LIKE '%\"raced\"%'")}
-    full_s, first_s, rows = 0.0, 0.0, 0
+    full_s, first_s = 0.0, 0.0
     for ctx, seconds, sentences, n_dirs in con.execute(
             "SELECT context, seconds, sentences, (SELECT count(*) FROM json_each(metrics, '$.spbleu')) - 2 "
             "FROM evaluations"):  # a raced-out spbleu entry holds its directions, the mean and the upper bound
@@ -151,7 +151,6 @@ def _floor(model: str, tmp: Path, tag: str, r: int, args, plain_wall: float) -> 
             first_s += seconds * min(1.0, args.chunk * n_dirs / sentences)
         else:
             full_s += seconds
-            rows += sentences
     con.close()
     actors = 2
     floor = fixed["wall_seconds"] + (full_s + first_s) / actors
