@@ -328,9 +328,9 @@ class EvaluationService:
             # once the race is decided (no more than ``keep`` left), the rest of the dev set in one go
             stop = next_stop(seen, n, sc.racing_chunk) if len(alive) > keep else n
             chunks = [(c, c.units, names, ahead[c][1] if c in ahead else seen, stop) for c in alive]
-            after = next_stop(stop, n, sc.racing_chunk)
-            fill = [(c, c.units, names, stop, after) for c in sorted(scores, key=lambda c: -scores[c]) if c in alive]
-            fill = fill[:FILLERS] if len(alive) > keep and stop < n else []
+            fill = [] if len(alive) <= keep or stop == n else \
+                [(c, c.units, names, stop, next_stop(stop, n, sc.racing_chunk))
+                 for c in sorted(scores, key=lambda c: -scores[c]) if c in alive][:FILLERS]
             parts = self._race_chunks([ch for ch in chunks if ch[3] < ch[4]], n, fill)
             parts += [(c, {**self.pool.filled((c, s)), "start": s}) for c, (s, _) in ahead.items()]
             fillers["used"] += len(ahead)

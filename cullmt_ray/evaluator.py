@@ -351,7 +351,7 @@ class EvaluatorPool:
         self._units = list(self.info[0]["units"]) if self.info else []
         self._ran: list[dict] = [{} for _ in self.actors]  # per actor: sentences -> units kept by its latest tasks on them
         self._held: dict[ray.ObjectRef, tuple[int, Any]] = {}  # filler calls running: ref -> (actor, key; None: dropped)
-        self._filled: dict[Any, ray.ObjectRef] = {}  # filler calls finished, not yet taken: key -> ref
+        self._filled: dict[Any, tuple[int, ray.ObjectRef]] = {}  # filler calls finished, not yet taken: key -> (actor, ref)
         self.lockstep = all(i.get("lockstep") for i in self.info)  # racing chunks of several prune sets in one task
         self.exact_rows = all(i.get("exact_rows") for i in self.info)  # a sentence decodes the same in any batch
 
@@ -449,15 +449,19 @@ class EvaluatorPool:
                 i, key = self._held.pop(done[0])
                 free.append(i)
                 if key is not None:
-                    self._filled[key] = done[0]
+                    self._filled[key] = (i, done[0])
                 continue
             i, key = running.pop(done[0])
             free.append(i)
-            try:
-                yield key, ray.get(done[0])
-            except RayActorError as e:
-                raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
-                               f"({type(e).__name__}); every finished evaluation is stored") from e
+            yield key, self._get(done[0], i)
+
+    def _get(self, ref: ray.ObjectRef, i: int) -> Any:
+        """The result of actor ``i``'s call ``ref``; a clear error where the actor died for good."""
+        try:
+            return ray.get(ref)
+        except RayActorError as e:
+            raise RunError(f"evaluator actor {self.names[i]} died and Ray could not restart it "
+                           f"({type(e).__name__}); every finished evaluation is stored") from e
 
     def holds(self, key) -> bool:
         """Whether a filler call of ``key`` was started (running or finished, not yet taken or dropped)."""
@@ -465,15 +469,11 @@ class EvaluatorPool:
 
     def filled(self, key) -> Any:
         """The result of the filler call of ``key`` (:meth:`_spread`), waiting for it if it still runs."""
-        ref = self._filled.pop(key, None)
+        i, ref = self._filled.pop(key, (None, None))
         if ref is None:
             ref = next(r for r, (_, k) in self._held.items() if k == key)
-            del self._held[ref]  # its actor is free once ray.get returns
-        try:
-            return ray.get(ref)
-        except RayActorError as e:
-            raise RunError(f"an evaluator actor died and Ray could not restart it ({type(e).__name__}); every "
-                           f"finished evaluation is stored") from e
+            i, _ = self._held.pop(ref)  # its actor is free once the result is in
+        return self._get(ref, i)
 
     def drop(self, key) -> None:
         """Forget the filler call of ``key``: its result is not wanted (it still occupies its actor until it ends)."""
