@@ -116,7 +116,7 @@ def run_with_tune(strategy: BaseStrategy, session, trial_cpus: float, storage: P
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
-                                    max_concurrent_trials=max(1, 2 * session.pool.size)),
+                                    max_concurrent_trials=max(1, 2 * session.pool.size), reuse_actors=True),
         run_config=tune.RunConfig(name=session.run_id, storage_path=str(storage.resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=2)))
     tuner.fit()
