@@ -13,13 +13,17 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
   decoder-only candidate with the encoder cache; and the route with the loop vs with HF ``generate``.
 - ``states``: what the states at layer boundaries buy (``cullmt_ray/families/prefix.py``): greedy's first step
   on two replicas in the pool's order, with and without them (interleaved, same outputs).
+- ``stems``: a decoder-only prompt pass with its stems in runs of similar length, each padded to its own longest
+  (``greedy._stem_runs``), vs one run padded to the longest stem: greedy's first step as racing's first round
+  (each candidate on ``--chunk`` sentences x 6 directions) and as full evaluations, on two replicas with their kept
+  states as actors hold them (interleaved, same outputs).
 - ``demo``: README command 1 (``cullmt-ray search``, the embedded default): wall time, answer.
 - ``bf16``: the greedy loop in bf16 vs fp32 on this CPU (a demo candidate), and whether bf16 rows stay exact.
 - ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
   no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
   decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
   GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
-    python bench/bench_speed.py [--parts greedy,candidate,states,demo,bf16,scale]
+    python bench/bench_speed.py [--parts greedy,candidate,states,stems,demo,bf16,scale]
 """
 
 from __future__ import annotations
@@ -300,6 +304,51 @@ def part_states(args) -> dict:
                        **out, "encoder_decoder_note": (
                            "the encoder's states replayed the same way (commit 45a058b) measured 44.54 s vs "
                            "45.08 s (0.988x) on reference:dense's first step, same outputs: not kept")}}
+
+
+def part_stems(args) -> dict:
+    """Stems in runs of similar length vs one run padded to the longest (``greedy.STEM_RUN_TOKENS`` huge): greedy's
+    first step on reference:llama dealt in the pool's order to two replicas keeping their states, per candidate its
+    first racing chunk (``--chunk`` sentences) or all ``--sentences``; interleaved, best of ``--repeats``; 1 thread."""
+    import torch
+
+    from cullmt_ray.candidate import Candidate
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.evaluator import prefix_order
+    from cullmt_ray.families import greedy, load_family
+
+    torch.set_num_threads(1)
+    dev = load_devset("builtin:demo")
+    dirs = parse_directions("english-centric", list(dev.lines))
+    replicas = [load_family(ModelConfig("reference:llama")) for _ in range(2)]
+    order = [c.units for c, _ in prefix_order([(Candidate.of([u]), None) for u in replicas[0].units()])]
+    default, out = greedy.STEM_RUN_TOKENS, {}
+    try:
+        for work, n in (("first_chunk", args.chunk), ("full", args.sentences)):
+            jobs = [(list(dev.lines[s][:n]), s, t) for s, t in dirs]
+            seconds: dict[str, list[float]] = {"one_run": [], "runs": []}
+            hyps: dict[str, list] = {}
+            for r in range(args.repeats):
+                for name in ("one_run", "runs") if r % 2 else ("runs", "one_run"):
+                    greedy.STEM_RUN_TOKENS = default if name == "runs" else 10**9
+                    for fam in replicas:
+                        fam.keep_states()  # fresh kept states each time, as a new step's actors start with none
+                    t, got = time.perf_counter(), []
+                    for i, units in enumerate(order):
+                        with replicas[i % 2].apply(units):
+                            got.append(replicas[i % 2].translate_many(jobs, Decoding()))
+                    seconds[name].append(time.perf_counter() - t)
+                    hyps[name] = got
+            out[work] = {"sentences": n * len(dirs), "candidates": len(order),
+                         "one_run_seconds": round(min(seconds["one_run"]), 3),
+                         "runs_seconds": round(min(seconds["runs"]), 3),
+                         "ratio": round(min(seconds["runs"]) / min(seconds["one_run"]), 3),
+                         "identical_outputs": hyps["runs"] == hyps["one_run"]}
+            print("stems", work, out[work], flush=True)
+    finally:
+        greedy.STEM_RUN_TOKENS = default
+    return {"stems": {"model": "reference:llama", "run_tokens": default, "threads": 1, "repeats": args.repeats, **out}}
 
 
 def part_demo(args) -> dict:

@@ -477,6 +477,54 @@ def test_prompts_of_one_source_into_several_languages_share_their_stem(reference
     assert computed < 0.75 * prompt  # the stems once, then each row's target-language name
 
 
+def test_stems_run_in_runs_of_similar_length_with_the_fewest_padded_tokens():
+    """The split of the length-sorted stems is the cheapest of all splits (padded tokens + a cost per run); empty
+    stems are left out."""
+    import itertools
+
+    from cullmt_ray.families.greedy import _stem_runs
+
+    lengths = [0, 3, 30, 31, 4, 29, 12, 3, 0, 18]
+    for per_run in (0, 8, 40, 10**6):
+        runs = _stem_runs(lengths, per_run)
+        order = sorted((i for i, n in enumerate(lengths) if n), key=lambda i: lengths[i])
+        assert [i for r in runs for i in r] == order and all(runs)
+        cost = lambda rs: sum(len(r) * max(lengths[i] for i in r) + per_run for r in rs)  # noqa: E731
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(runs) == best, (per_run, runs)
+    assert len(_stem_runs(lengths, 10**6)) == 1  # runs that cost much: one, as one padded batch
+    assert all(len({lengths[i] for i in r}) == 1 for r in _stem_runs(lengths, 0))  # free runs: no padding
+
+
+def test_stems_of_different_lengths_pad_to_their_runs_longest_and_translate_the_same(reference_families):
+    """Six directions' prompts: the stem pass computes fewer padded tokens than one batch padded to the longest
+    stem, and every row gets the tokens it gets with its direction translated alone."""
+    from cullmt_ray.config import Decoding
+    from cullmt_ray.data import load_devset, parse_directions
+
+    fam = reference_families["llama"]
+    dev = load_devset("builtin:demo")
+    dec = Decoding(max_new_tokens=64)
+    jobs = [(list(dev.lines[s][:16]), s, t) for s, t in parse_directions("english-centric", list(dev.lines))]
+    calls: list[tuple[int, int]] = []
+    hook = fam.model.model.layers[0].register_forward_hook(
+        lambda _m, args, _o: calls.append(tuple(args[0].shape[:2])) if args[0].shape[1] > 1 else None)
+    states, fam.prefix_states = fam.prefix_states, None  # every layer runs: the hook sees the whole prompt pass
+    try:
+        with fam.apply(["layer.1"]):
+            got = fam.translate_many(jobs, dec)
+            stem_calls = calls[:-1]  # then the rows' rests
+            alone = [fam.translate(*job, dec) for job in jobs]
+    finally:
+        hook.remove()
+        fam.prefix_states = states
+    assert got == alone and all(all(h) for h in got)
+    stems = sum(b for b, _ in stem_calls)
+    assert len(stem_calls) > 1 and stems == 16 * 4  # English stems shared by three directions
+    assert sum(b * n for b, n in stem_calls) < 0.9 * stems * max(n for _, n in stem_calls)
+
+
 def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_families):
     """A decoder-only replica keeps prompt states per layer boundary: a prune set run after another on the same
     batches replays the first layers they share instead of computing them, and translates exactly as without

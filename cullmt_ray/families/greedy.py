@@ -362,29 +362,68 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+# What one more stem run costs besides its tokens, in padded stem tokens: a forward call's per-layer overhead and its
+# smaller matrix products (on reference:llama 32-256 time the same; bench_speed.py part `stems`)
+STEM_RUN_TOKENS = 64
+
+
+def _stem_runs(lengths: list[int], run_tokens: int | None = None) -> list[list[int]]:
+    """The stems (by index) cut into runs of similar length, each to be padded to its longest only: the split of the
+    length-sorted stems with the fewest padded tokens plus ``run_tokens`` (default :data:`STEM_RUN_TOKENS`) per run
+    (exact, O(n^2)); zero-length stems (nothing to run) are left out."""
+    run_tokens = STEM_RUN_TOKENS if run_tokens is None else run_tokens
+    order = sorted((i for i, n in enumerate(lengths) if n), key=lambda i: lengths[i])
+    cost, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last run is order[i:j], padded to its longest, lengths[order[j - 1]]
+            c = cost[i] + (j - i) * lengths[order[j - 1]] + run_tokens
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    runs, j = [], len(order)
+    while j:
+        runs.append(order[cut[j] : j])
+        j = cut[j]
+    return runs[::-1]
+
+
 def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw):
     """The prompt pass with the prompts of a group sharing their common first tokens (:func:`_stems`): the stems run
-    once (with ``prefill``), each row's keys/values of its stem are copied into ``cache``, and the rows' own
-    remaining tokens run after them (padding between the stem and them where the rows' rests differ in length).
-    Every token keeps its position and attends to the same tokens as in the plain prompt pass, so the numbers are
-    its numbers: (last logits, the attention mask of the cached tokens, the next positions)."""
+    once (with ``prefill(stem_cache, run)``), in runs of similar length (:func:`_stem_runs`: a run is padded to its
+    own longest stem, not the batch's), each row's keys/values of its stem are copied into ``cache``, and the rows'
+    own remaining tokens run after them (padding between the stem and them where the rows' rests differ in length).
+    Every token keeps its position and attends to the same tokens as in the plain prompt pass, so a row's tokens are
+    its tokens there (padding never changes them: rows are exact): (last logits, the attention mask of the cached
+    tokens, the next positions)."""
     device = input_ids.device
     rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
     stem, held = _stems(rows, groups)
     order = list(dict.fromkeys(stem))
     slot = {s: k for k, s in enumerate(order)}
-    stem_ids, stem_mask = _left_pad([rows[s][: held[s]] for s in order], device)
-    stem_cache = _self_attention_cache(model.config.get_text_config(decoder=True))
+    stems = [rows[s][: held[s]] for s in order]
+    stem_ids, stem_mask = _left_pad(stems, device)
+    width = stem_ids.shape[1]
+    conf = model.config.get_text_config(decoder=True)
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    with prefill(stem_cache) if prefill is not None else contextlib.nullcontext():
-        inner(input_ids=stem_ids, attention_mask=stem_mask, position_ids=_positions(stem_mask), cache=stem_cache,
-              use_cache=True, return_dict=True)
+    kv: list[list[torch.Tensor]] = []  # per layer: keys and values of every stem, left-padded to ``width``
+    for k, run in enumerate(_stem_runs([len(t) for t in stems])):
+        ids, mask = _left_pad([stems[i] for i in run], device)
+        run_cache = _self_attention_cache(conf)
+        with prefill(run_cache, k) if prefill is not None else contextlib.nullcontext():
+            inner(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=run_cache, use_cache=True,
+                  return_dict=True)
+        at = torch.tensor(run, device=device)
+        for i, layer in enumerate(run_cache.layers):
+            if len(kv) <= i:
+                kv.append([layer.keys.new_zeros((len(stems), *layer.keys.shape[1:-2], width, layer.keys.shape[-1]))
+                           for _ in "kv"])
+            kv[i][0][at, ..., width - ids.shape[1]:, :] = layer.keys
+            kv[i][1][at, ..., width - ids.shape[1]:, :] = layer.values
     which = torch.tensor([slot[s] for s in stem], device=device)
-    for i, layer in enumerate(stem_cache.layers):
-        cache.layers[i].update(layer.keys[which], layer.values[which])
+    for i, (keys, values) in enumerate(kv):
+        cache.layers[i].update(keys[which], values[which])
     rest_ids, rest_mask = _left_pad([r[held[i]:] for i, r in enumerate(rows)], device)
     mask = torch.cat([stem_mask[which], rest_mask], dim=-1)
-    pos = _positions(mask)[:, stem_ids.shape[1]:]
+    pos = _positions(mask)[:, width:]
     out = model(input_ids=rest_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                 return_dict=True, **kw)
     return out.logits[:, -1], mask, pos[:, -1:] + 1

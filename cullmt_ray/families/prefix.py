@@ -63,11 +63,13 @@ class _Replay(nn.Module):
 
 @contextmanager
 def shared_prefill(owner: nn.Module, attr: str, states: PrefixStates, batch: str, kept: tuple[int, ...],
-                   cache) -> Iterator[int]:
+                   cache, part: int = 0) -> Iterator[int]:
     """Within the context, ``owner.<attr>`` (the kept layers, in order; ``kept`` their original indices) replays
     the longest prefix known for ``batch`` and runs the rest, whose states are kept afterwards. Yields how many
-    layers are replayed. For the one prompt pass of a batch (an empty ``cache``)."""
+    layers are replayed. For one prompt pass of a batch (an empty ``cache``); ``part`` tells a batch's passes
+    apart (its stems run in several passes, greedy._shared_prompts)."""
     layers = getattr(owner, attr)
+    batch = f"{batch}#{part}" if part else batch
     if not all(type(layer) is _GrowingLayer for layer in cache.layers):  # sliding windows etc.: not replayed
         yield 0
         return
