@@ -568,7 +568,7 @@ def test_prune_sets_sharing_first_layers_replay_their_prompt_states(reference_fa
                     got = fam.translate_many(jobs, dec)
                 assert got == want[tuple(units)][0], units
             # layer.4 first (nothing known), then {2,5} replays layers 0-1 of layer.4's, {2,4} layers 0, 1, 3 of
-            # {2,5}'s, layer.1 layer 0: one number per batch
+            # {2,5}'s, layer.1 layer 0: one number per prompt pass (a batch's stems run in one or more)
             per_set = len(replayed) // len(sets)
             assert [set(replayed[i * per_set:(i + 1) * per_set]) for i in range(len(sets))] == [{0}, {2}, {3}, {1}]
             replayed.clear()

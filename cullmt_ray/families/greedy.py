@@ -414,8 +414,8 @@ def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw
         at = torch.tensor(run, device=device)
         for i, layer in enumerate(run_cache.layers):
             if len(kv) <= i:
-                kv.append([layer.keys.new_zeros((len(stems), *layer.keys.shape[1:-2], width, layer.keys.shape[-1]))
-                           for _ in "kv"])
+                shape = (len(stems), *layer.keys.shape[1:-2], width, layer.keys.shape[-1])
+                kv.append([layer.keys.new_zeros(shape), layer.values.new_zeros(shape)])
             kv[i][0][at, ..., width - ids.shape[1]:, :] = layer.keys
             kv[i][1][at, ..., width - ids.shape[1]:, :] = layer.values
     which = torch.tensor([slot[s] for s in stem], device=device)
