@@ -363,7 +363,7 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
 
 
 # What one more stem run costs besides its tokens, in padded stem tokens: a forward call's per-layer overhead and its
-# smaller matrix products (on reference:llama 32-256 time the same; bench_speed.py part `stems`)
+# smaller matrix products (on reference:llama 64, 256 and 1024 timed alike; bench_speed.py part `stems`)
 STEM_RUN_TOKENS = 64
 
 
