@@ -400,8 +400,8 @@ def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw
     order = list(dict.fromkeys(stem))
     slot = {s: k for k, s in enumerate(order)}
     stems = [rows[s][: held[s]] for s in order]
-    stem_ids, stem_mask = _left_pad(stems, device)
-    width = stem_ids.shape[1]
+    _, stem_mask = _left_pad(stems, device)  # the cached stems' mask, each left-padded to the longest
+    width = stem_mask.shape[1]
     conf = model.config.get_text_config(decoder=True)
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     kv: list[list[torch.Tensor]] = []  # per layer: keys and values of every stem, left-padded to ``width``
