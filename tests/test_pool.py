@@ -93,6 +93,8 @@ def test_a_step_candidate_runs_where_its_base_set_left_its_states(ray_cluster, t
     pool = EvaluatorPool(ModelConfig(str(tiny_llama)), ds, EvalSettings(spm="reference"), Resources(actors=2),
                          run="placetest")
     try:
+        assert pool.lockstep
+        pool.lockstep = False  # one task per prune set, as for a family without a lockstep loop
         dirs = [("eng_Latn", "deu_Latn")]
         [(_, base)] = pool.sentence_stats([("base", ["layer.1"], dirs, 0, 4)], 8)
         # the step's candidates, in an order that would put layer.0 (sharing no first layer) on the first free actor:

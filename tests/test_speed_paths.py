@@ -309,34 +309,49 @@ def reference_families():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("rows", [2048, 50])
-def test_prune_sets_decoded_in_lockstep_translate_as_each_alone(reference_families, rows, monkeypatch):
-    """translate_group decodes several prune sets' rows in one batch, each decoder layer computing the rows of the
-    sets that keep it (encoder sets apart, the first decoder layer removed, none removed): every translation is
-    the one of its set decoded alone, also when the sets are cut into several batches (``lockstep_rows``)."""
-    import cullmt_ray.families.encdec as encdec
+# per model: dev-set jobs (llama's share sources: stems) and prune sets (the first layer removed, none removed, ...);
+# the name of the lockstep loop and where its arguments hold the sets' keeps
+LOCKSTEP_CASES = {
+    "dense": ([("eng_Latn", "deu_Latn", 0), ("fra_Latn", "ces_Latn", 12)],
+              [[], ["dec.0"], ["enc.3", "dec.5"], ["enc.1", "enc.3"], ["dec.1", "dec.2", "dec.3"]],
+              "encdec", "greedy_encdec_group", 6),
+    "llama": ([("eng_Latn", "deu_Latn", 0), ("eng_Latn", "fra_Latn", 0), ("ces_Latn", "eng_Latn", 12)],
+              [[], ["layer.0"], ["layer.5"], ["layer.1", "layer.3"], ["layer.0", "layer.2", "layer.4"]],
+              "decoder", "greedy_causal_group", 2),
+}
+
+
+@pytest.mark.parametrize("model,rows", [("dense", 2048), ("dense", 50), ("llama", 2048), ("llama", 80)])
+def test_prune_sets_decoded_in_lockstep_translate_as_each_alone(reference_families, model, rows, monkeypatch):
+    """translate_group decodes several prune sets' rows in one batch, each layer computing the rows of the sets that
+    keep it (encoder sets apart, the first layer removed, none removed): every translation is the one of its set
+    decoded alone, also when the sets are cut into several batches (``lockstep_rows``)."""
+    import importlib
+
     from cullmt_ray.config import Decoding
     from cullmt_ray.data import load_devset
 
-    fam = reference_families["dense"]
+    fam = reference_families[model]
+    assert fam.lockstep
+    directions, sets, module, loop, keeps_at = LOCKSTEP_CASES[model]
     lines = load_devset("builtin:demo").lines
-    jobs = [(list(lines["eng_Latn"][:12]), "eng_Latn", "deu_Latn"), (list(lines["fra_Latn"][12:24]), "fra_Latn", "ces_Latn")]
-    sets = [[], ["dec.0"], ["enc.3", "dec.5"], ["enc.1", "enc.3"], ["dec.1", "dec.2", "dec.3"]]
+    jobs = [(list(lines[src][at : at + 12]), src, tgt) for src, tgt, at in directions]
     alone = []
     for r in sets:
         with fam.apply(r):
             alone.append(fam.translate_many(jobs, Decoding()))
     together = []
-    real = encdec.greedy_encdec_group
+    where = importlib.import_module(f"cullmt_ray.families.{module}")
+    real = getattr(where, loop)
 
     def counted(*args, **kwargs):
-        together.append(len(args[6]))  # the prune sets of the batch
+        together.append(len(args[keeps_at]))  # the prune sets of the batch
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(encdec, "greedy_encdec_group", counted)
+    monkeypatch.setattr(where, loop, counted)
     monkeypatch.setattr(fam, "lockstep_rows", rows)
     assert fam.translate_group(sets, jobs, Decoding()) == alone
-    assert together == ([5] if rows == 2048 else [2, 2, 1])  # one batch of 24 rows a set: 50 rows hold two sets
+    assert together == ([5] if rows == 2048 else [2, 2, 1])  # one batch of 24 (36) rows a set: 50 (80) hold two
 
 
 def _both(family, sources, src, tgt, decoding):

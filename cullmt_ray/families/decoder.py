@@ -7,6 +7,7 @@ one), else a plain template. The output is the first line of the continuation.
 from __future__ import annotations
 
 import functools
+import os
 from typing import ClassVar
 
 import torch
@@ -15,7 +16,15 @@ from torch import nn
 from ..languages import name as lang_name
 from ..config import Decoding
 from .base import Example, LayerStack, ModelFamily
-from .greedy import generation_config, greedy_causal, unsupported
+from .greedy import (
+    LOCKSTEP_CAUSAL,
+    _prompt_pass,
+    _self_attention_cache,
+    generation_config,
+    greedy_causal,
+    greedy_causal_group,
+    unsupported,
+)
 from .prefix import PrefixStates, shared_prefill
 
 # The reference Llama is trained with this template; base LLMs follow it well enough too.
@@ -30,6 +39,8 @@ class DecoderOnlyFamily(ModelFamily):
     fast_greedy: ClassVar[bool] = True
     # Prompt states at layer boundaries kept per replica (keep_states, prefix.py), MiB; None: not kept.
     prefix_states_mib: ClassVar[float | None] = 512.0
+    # Race rounds decode their prune sets together (greedy.greedy_causal_group) where the model's class allows.
+    lockstep: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str, prompt_template: str | None = None,
                  use_chat_template: bool | None = None):
@@ -42,6 +53,9 @@ class DecoderOnlyFamily(ModelFamily):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # the lockstep loop calls the layers itself; CULLMT_LOCKSTEP=0 turns it off (one prune set after another)
+        self.lockstep = self.lockstep and type(model).__name__ in LOCKSTEP_CAUSAL and \
+            os.environ.get("CULLMT_LOCKSTEP", "1") != "0"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -111,14 +125,35 @@ class DecoderOnlyFamily(ModelFamily):
 
     def _greedy_rows(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int]) -> list[str]:
         ids, mask = self._prompt_ids(rows)
-        groups = [(src, source) for source, src, _ in rows]  # one source into several languages: a shared prompt start
-        prefill = None
-        if self.prefix_states is not None:
-            kept = tuple(i for i in range(self._layer_count) if f"layer.{i}" not in self.removed)
-            stack, batch = self.stacks[0], PrefixStates.batch_key(ids, mask) + f"|{len(set(groups))}"
-            prefill = functools.partial(shared_prefill, stack.owner, stack.attr, self.prefix_states, batch, kept)
-        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits, prefill,
-                                               groups))
+        groups = _groups(rows)
+        return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits,
+                                               self._prefill(ids, mask, groups), groups))
+
+    def _greedy_rows_group(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int],
+                           sets: list[frozenset[str]]) -> list[list[str]]:
+        """Each prune set's prompt pass (sharing stems and prompt states as alone), then every set's new tokens in
+        lockstep (:func:`greedy_causal_group`)."""
+        ids, mask = self._prompt_ids(rows)
+        groups = _groups(rows)
+        conf = self.model.config.get_text_config(decoder=True)
+        prompts = []
+        for removed in sets:
+            with self.apply(removed):
+                cache = _self_attention_cache(conf)  # the layers the set keeps
+                prompts.append((cache, *_prompt_pass(self.model, ids, mask, cache, self._prefill(ids, mask, groups),
+                                                     groups)))
+        keeps = [[f"layer.{i}" not in removed for i in range(self._layer_count)] for removed in sets]
+        out = greedy_causal_group(self.model, prompts, keeps, self._greedy_config(decoding), limits)
+        return [self._first_lines(tokens) for tokens in out]
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, groups: list):
+        """The prompt pass's replay of kept prompt states (:func:`shared_prefill`) for the prune set applied, or None
+        where states are not kept."""
+        if self.prefix_states is None:
+            return None
+        kept = tuple(i for i in range(self._layer_count) if f"layer.{i}" not in self.removed)
+        stack, batch = self.stacks[0], PrefixStates.batch_key(ids, mask) + f"|{len(set(groups))}"
+        return functools.partial(shared_prefill, stack.owner, stack.attr, self.prefix_states, batch, kept)
 
     def _greedy_config(self, decoding: Decoding):
         """The generation config the greedy loop decodes with, or None where it does not apply (beams, a
@@ -153,6 +188,11 @@ class DecoderOnlyFamily(ModelFamily):
         attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         mask = torch.tensor([m + [False] * (width - len(m)) for m in masks])
         return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}, mask.to(self.device)
+
+
+def _groups(rows: list[tuple[str, str, str]]) -> list:
+    """A key per ``(source, src, tgt)`` row: one source into several languages shares its prompt's start."""
+    return [(src, source) for source, src, _ in rows]
 
 
 def _stop_ids(tok) -> list[int]:

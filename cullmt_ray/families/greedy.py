@@ -248,6 +248,11 @@ class _Subsets:
     def _index(member: torch.Tensor) -> torch.Tensor | None:
         return None if bool(member.all()) else member.nonzero().squeeze(1)
 
+    def first(self) -> int:
+        """The first layer that holds rows: the masks are sized against its KV cache (a layer whose rows have all
+        left holds none, and reads as empty)."""
+        return next(i for i, m in enumerate(self.member) if bool(m.any()))
+
     def select(self, keep: torch.Tensor) -> list[torch.Tensor]:
         """Keep batch rows ``keep``; per layer, the positions in its KV cache of the rows it keeps."""
         picks = []
@@ -284,7 +289,6 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
     # rows leave at a quarter finished, not an eighth: a drop copies every layer's caches of every set's rows
     rows = _Rows(list(limits) * n_sets, device, slack=4)
     subsets = _Subsets(keeps, b, device)
-    first = next(i for i in range(len(layers)) if any(k[i] for k in keeps))  # the mask is sized against it
     states = torch.cat(encoder_states)
     cross = create_bidirectional_mask(config=decoder.config, inputs_embeds=states[:, :1],
                                       attention_mask=attention_mask.repeat(n_sets, 1), encoder_hidden_states=states)
@@ -298,7 +302,7 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
         embeds = decoder.embed_tokens(cur)
         mask = create_causal_mask(config=decoder.config, inputs_embeds=embeds,
                                   attention_mask=torch.ones(n, step + 1, device=device),
-                                  cache=cache.self_attention_cache, layer_idx=first)
+                                  cache=cache.self_attention_cache, layer_idx=subsets.first())
         hidden = embeds + decoder.embed_positions(cur, embeds, step).to(device)
         for i, layer in enumerate(layers):
             idx = subsets.index[i]
@@ -429,6 +433,23 @@ def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw
     return out.logits[:, -1], mask, pos[:, -1:] + 1
 
 
+def _prompt_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, prefill=None,
+                 groups: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Greedy's first step on a left-padded batch of prompts, into the empty ``cache``: (each row's last logits,
+    the attention mask of the cached tokens (None: all ones, which generate drops), the next positions).
+    ``prefill``/``groups``: see :func:`greedy_causal`."""
+    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    if groups is not None and len(set(groups)) < len(groups) and \
+            all(type(layer) is _GrowingLayer for layer in cache.layers):  # sliding windows etc.: the plain pass
+        return _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw)
+    pos = _positions(attention_mask)
+    mask = None if bool((attention_mask == 1).all()) else attention_mask
+    with prefill(cache) if prefill is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                    return_dict=True, **kw)
+    return out.logits[:, -1], mask, pos[:, -1:] + 1
+
+
 @torch.inference_mode()
 def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc: GenerationConfig,
                   limits: list[int], prefill=None, groups: list | None = None) -> list[list[int]]:
@@ -440,22 +461,17 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     device = input_ids.device
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
-    position_ids = _positions(attention_mask)
-    mask = None if bool((attention_mask == 1).all()) else attention_mask  # generate drops an all-ones mask
     cache = _self_attention_cache(model.config.get_text_config(decoder=True))
     rows = _Rows(limits, device)
-    cur, pos = input_ids, position_ids
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    share = groups is not None and len(set(groups)) < len(groups) and \
-        all(type(layer) is _GrowingLayer for layer in cache.layers)  # sliding windows etc.: the plain prompt pass
+    cur = pos = mask = None  # the step's input tokens and positions, the cached tokens' mask: from the prompt pass on
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
-        if step == 0 and share:
-            logits, mask, last = _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw)
+        if step == 0:
+            logits, mask, last = _prompt_pass(model, input_ids, attention_mask, cache, prefill, groups)
         else:
-            with prefill(cache) if prefill is not None and step == 0 else contextlib.nullcontext():
-                out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                            return_dict=True, **kw)
+            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                        return_dict=True, **kw)
             logits, cache, last = out.logits[:, -1], out.cache, pos[:, -1:] + 1
             del out
         nxt = _pick(logits, eos, forced_eos, at_limit)
@@ -467,6 +483,77 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         cur, pos = nxt[:, None], last
     return rows.tokens
+
+
+# Decoder-only classes whose forward is ``lm_head(norm(layers(embed(ids))))`` with rotary position embeddings
+# computed once for every layer: the lockstep loop (greedy_causal_group) calls those parts itself.
+LOCKSTEP_CAUSAL = ("LlamaForCausalLM",)
+
+
+@torch.inference_mode()
+def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc: GenerationConfig,
+                        limits: list[int]) -> list[list[list[int]]]:
+    """:func:`greedy_causal` for several prune sets at once, in lockstep (a :data:`LOCKSTEP_CAUSAL` model; see
+    :func:`greedy_encdec_group`): ``prompts[c]`` is prune set ``c``'s prompt pass of the same batch of ``B``
+    prompts, ``(cache, logits, mask, next positions)`` (:func:`_prompt_pass` with the set applied: its cache holds
+    the layers it keeps, in order), ``keeps[c][layer]`` whether it keeps a layer of the full model (none applied
+    now). One batch holds every set's rows (set ``c``'s rows ``c * B .. c * B + B - 1``) and each layer computes the
+    rows of the sets that keep it; a row's numbers are those of decoding its set alone. Returns, per prune set, the
+    tokens of each row."""
+    from transformers.masking_utils import create_causal_mask
+
+    inner, head = model.get_decoder(), model.get_output_embeddings()
+    layers = list(inner.layers)
+    n_sets, b = len(keeps), len(limits)
+    logits = torch.cat([p[1] for p in prompts])
+    device = logits.device
+    eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
+    forced_eos = _first(forced_eos) if forced_eos is not None else None
+    cache = _self_attention_cache(model.config.get_text_config(decoder=True))
+    for i in range(len(layers)):  # layer i's keys/values: the rows of the sets that keep it, in set order
+        kept = [p[0].layers[sum(keep[:i])] for p, keep in zip(prompts, keeps) if keep[i]]
+        if kept:
+            cache.layers[i].update(torch.cat([k.keys for k in kept]), torch.cat([k.values for k in kept]))
+    mask, last = prompts[0][2], prompts[0][3].repeat(n_sets, 1)  # the same prompts: the same mask and positions
+    mask = None if mask is None else mask.repeat(n_sets, 1)
+    rows = _Rows(list(limits) * n_sets, device, slack=4)  # see greedy_encdec_group
+    subsets = _Subsets(keeps, b, device)
+    cur = None
+    for step in range(rows.steps):
+        at_limit = rows.at_limit(step) if forced_eos is not None else None
+        if step:  # the model's forward, layer by layer over each layer's rows
+            embeds = inner.embed_tokens(cur)
+            causal = create_causal_mask(config=inner.config, inputs_embeds=embeds, attention_mask=mask, cache=cache,
+                                        position_ids=last, layer_idx=subsets.first())
+            cos, sin = inner.rotary_emb(embeds, position_ids=last)
+            hidden = embeds
+            for i, layer in enumerate(layers):
+                idx = subsets.index[i]
+                if idx is None:
+                    hidden = layer(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=last,
+                                   cache=cache, use_cache=True)
+                elif idx.numel():
+                    sub = layer(hidden[idx], attention_mask=causal if causal is None else causal[idx],
+                                position_embeddings=(cos[idx], sin[idx]), position_ids=last[idx], cache=cache,
+                                use_cache=True)
+                    hidden = hidden.index_copy(0, idx, sub)
+            logits = head(inner.norm(hidden)[:, -1])
+            last = last + 1
+            del hidden
+        nxt = _pick(logits, eos, forced_eos, at_limit)
+        keep = rows.add(nxt, eos, step)
+        if keep is not None:
+            if not rows.live:
+                break
+            for i, pick in enumerate(subsets.select(keep)):
+                if cache.layers[i].is_initialized:  # a layer no prune set keeps has none
+                    cache.layers[i].batch_select_indices(pick)
+            nxt, last = nxt[keep], last[keep]
+            mask = mask if mask is None else mask[keep]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        cur = nxt[:, None]
+    return [rows.tokens[c * b : (c + 1) * b] for c in range(n_sets)]
 
 
 def _accepts(model, name: str) -> bool:
