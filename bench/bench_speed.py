@@ -17,13 +17,15 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
   (``greedy._stem_runs``), vs one run padded to the longest stem: greedy's first step as racing's first round
   (each candidate on ``--chunk`` sentences x 6 directions) and as full evaluations, on two replicas with their kept
   states as actors hold them (interleaved, same outputs).
+- ``lockstep``: a decoder-only race round decoded in lockstep (every candidate's rows in one batch, each layer
+  computing the rows of the candidates that keep it) vs one candidate after another (interleaved, same outputs).
 - ``demo``: README command 1 (``cullmt-ray search``, the embedded default): wall time, answer.
 - ``bf16``: the greedy loop in bf16 vs fp32 on this CPU (a demo candidate), and whether bf16 rows stay exact.
 - ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
   no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
   decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
   GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
-    python bench/bench_speed.py [--parts greedy,candidate,states,stems,demo,bf16,scale]
+    python bench/bench_speed.py [--parts greedy,candidate,states,stems,lockstep,demo,bf16,scale]
 """
 
 from __future__ import annotations
@@ -349,6 +351,48 @@ def part_stems(args) -> dict:
     finally:
         greedy.STEM_RUN_TOKENS = default
     return {"stems": {"model": "reference:llama", "run_tokens": default, "threads": 1, "repeats": args.repeats, **out}}
+
+
+def part_lockstep(args) -> dict:
+    """A decoder-only race round in lockstep (``greedy.greedy_causal_group``) vs its prune sets one after another:
+    reference:llama's greedy step 2 after the search's first answer (layer.2 removed; the five candidates adding one
+    more layer), each on its first racing chunk (``--chunk`` sentences x 6 directions) and on twice that, on a
+    replica holding its base set's prompt states (as the actor that ran the base set); interleaved, median of
+    ``--repeats``; 1 thread."""
+    import torch
+
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.families import load_family
+
+    torch.set_num_threads(1)
+    dev = load_devset("builtin:demo")
+    dirs = parse_directions("english-centric", list(dev.lines))
+    fam = load_family(ModelConfig("reference:llama"))
+    fam.keep_states()
+    base = ["layer.2"]
+    sets = [base + [u] for u in fam.units() if u not in base]
+    out = {}
+    for n in (args.chunk, 2 * args.chunk):
+        jobs = [(list(dev.lines[s][:n]), s, t) for s, t in dirs]
+        with fam.apply(base):
+            fam.translate_many(jobs, Decoding())  # the base set's kept prompt states
+        seconds: dict[bool, list[float]] = {True: [], False: []}
+        hyps: dict[bool, list] = {}
+        for r in range(args.repeats):
+            for lock in (True, False) if r % 2 == 0 else (False, True):
+                fam.lockstep = lock
+                t = time.perf_counter()
+                hyps[lock] = fam.translate_group(sets, jobs, Decoding())
+                seconds[lock].append(time.perf_counter() - t)
+        fam.lockstep = True
+        lock_s, alone_s = statistics.median(seconds[True]), statistics.median(seconds[False])
+        out[f"{n}_sentences"] = {"rows": n * len(dirs) * len(sets), "lockstep_seconds": round(lock_s, 3),
+                                 "one_after_another_seconds": round(alone_s, 3), "ratio": round(lock_s / alone_s, 3),
+                                 "identical_outputs": hyps[True] == hyps[False]}
+        print("lockstep", n, out[f"{n}_sentences"], flush=True)
+    return {"lockstep": {"model": "reference:llama", "base": base, "candidates": len(sets), "threads": 1,
+                         "repeats": args.repeats, **out}}
 
 
 def part_demo(args) -> dict:
