@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, parser, save
+from common import REPO, RESULTS, cpu_model, parser, save
 
 OUT = RESULTS / "speed.json"
 
@@ -673,7 +673,8 @@ def main() -> None:
     for part in args.parts.split(","):
         t = time.perf_counter()
         res.update(globals()[f"part_{part}"](args))
-        res.setdefault("load", {})[part] = {"loadavg_after": os.getloadavg(), "seconds": round(time.perf_counter() - t, 1)}
+        res.setdefault("load", {})[part] = {"loadavg_after": os.getloadavg(), "seconds": round(time.perf_counter() - t, 1),
+                                            "cpu": cpu_model()}  # the parts kept from earlier runs keep theirs
         save("speed", res, str(OUT))
 
 

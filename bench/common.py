@@ -25,13 +25,23 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere): ratios between code paths move
+    with it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def save(name: str, result: dict, out: str | None = None) -> Path:
     import torch
 
     path = Path(out) if out else RESULTS / f"{name}.json"
     result = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "cuda": torch.cuda.is_available()}, **result}
+              "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
+                          "torch": torch.__version__, "cuda": torch.cuda.is_available()}, **result}
     write_json(path, result)
     print(f"wrote {path}")
     return path

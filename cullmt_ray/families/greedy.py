@@ -496,8 +496,8 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
     """:func:`greedy_causal` for several prune sets at once, in lockstep (a :data:`LOCKSTEP_CAUSAL` model; see
     :func:`greedy_encdec_group`): ``prompts[c]`` is prune set ``c``'s prompt pass of the same batch of ``B``
     prompts, ``(cache, logits, mask, next positions)`` (:func:`_prompt_pass` with the set applied: its cache holds
-    the layers it keeps, in order), ``keeps[c][layer]`` whether it keeps a layer of the full model (none applied
-    now). One batch holds every set's rows (set ``c``'s rows ``c * B .. c * B + B - 1``) and each layer computes the
+    the layers it keeps, in order; the list is emptied once their keys/values are copied, so that their caches are
+    freed), ``keeps[c][layer]`` whether it keeps a layer of the full model (none applied now). One batch holds every set's rows (set ``c``'s rows ``c * B .. c * B + B - 1``) and each layer computes the
     rows of the sets that keep it; a row's numbers are those of decoding its set alone. Returns, per prune set, the
     tokens of each row."""
     from transformers.masking_utils import create_causal_mask
@@ -516,6 +516,7 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
             cache.layers[i].update(torch.cat([k.keys for k in kept]), torch.cat([k.values for k in kept]))
     mask, last = prompts[0][2], prompts[0][3].repeat(n_sets, 1)  # the same prompts: the same mask and positions
     mask = None if mask is None else mask.repeat(n_sets, 1)
+    prompts.clear()
     rows = _Rows(list(limits) * n_sets, device, slack=4)  # see greedy_encdec_group
     subsets = _Subsets(keeps, b, device)
     cur = None
