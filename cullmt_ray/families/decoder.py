@@ -127,7 +127,7 @@ class DecoderOnlyFamily(ModelFamily):
         ids, mask = self._prompt_ids(rows)
         groups = _groups(rows)
         return self._first_lines(greedy_causal(self.model, ids, mask, self._greedy_config(decoding), limits,
-                                               self._prefill(ids, mask, groups), groups))
+                                               self._prefill(self._batch_key(ids, mask, groups)), groups))
 
     def _greedy_rows_group(self, rows: list[tuple[str, str, str]], decoding: Decoding, limits: list[int],
                            sets: list[frozenset[str]]) -> list[list[str]]:
@@ -136,23 +136,26 @@ class DecoderOnlyFamily(ModelFamily):
         ids, mask = self._prompt_ids(rows)
         groups = _groups(rows)
         conf = self.model.config.get_text_config(decoder=True)
-        prompts = []
+        batch, prompts = self._batch_key(ids, mask, groups), []
         for removed in sets:
             with self.apply(removed):
                 cache = _self_attention_cache(conf)  # the layers the set keeps
-                prompts.append((cache, *_prompt_pass(self.model, ids, mask, cache, self._prefill(ids, mask, groups),
-                                                     groups)))
+                prompts.append((cache, *_prompt_pass(self.model, ids, mask, cache, self._prefill(batch), groups)))
         keeps = [[f"layer.{i}" not in removed for i in range(self._layer_count)] for removed in sets]
         out = greedy_causal_group(self.model, prompts, keeps, self._greedy_config(decoding), limits)
         return [self._first_lines(tokens) for tokens in out]
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, groups: list):
-        """The prompt pass's replay of kept prompt states (:func:`shared_prefill`) for the prune set applied, or None
-        where states are not kept."""
-        if self.prefix_states is None:
+    def _batch_key(self, ids: torch.Tensor, mask: torch.Tensor, groups: list) -> str | None:
+        """What a batch's kept prompt states are filed under (None where states are not kept)."""
+        return None if self.prefix_states is None else PrefixStates.batch_key(ids, mask) + f"|{len(set(groups))}"
+
+    def _prefill(self, batch: str | None):
+        """The prompt pass's replay of ``batch``'s kept prompt states (:func:`shared_prefill`) for the prune set
+        applied, or None where states are not kept."""
+        if batch is None:
             return None
         kept = tuple(i for i in range(self._layer_count) if f"layer.{i}" not in self.removed)
-        stack, batch = self.stacks[0], PrefixStates.batch_key(ids, mask) + f"|{len(set(groups))}"
+        stack = self.stacks[0]
         return functools.partial(shared_prefill, stack.owner, stack.attr, self.prefix_states, batch, kept)
 
     def _greedy_config(self, decoding: Decoding):
