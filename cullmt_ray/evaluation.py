@@ -344,6 +344,7 @@ class EvaluationService:
                                  seed=rnd, sacre=sacre, total=n)
                 for c, why in res.out.items():
                     left[c] = _Left(res.scores[c], seen, why, res.upper[c], *res.margin[c])
+                    self._close_on_loss(es, c, left[c], cost)
                     if c in ahead:  # run ahead for nothing: its sentences count as generated all the same
                         s, e = ahead.pop(c)
                         self.pool.drop((c, s))
@@ -395,6 +396,18 @@ class EvaluationService:
                                       for c, lc in left.items()}})
         return [out[c] for c in candidates]
 
+    def _close_on_loss(self, es: EvalSet, c: Candidate, lc: _Left, cost: dict) -> None:
+        """A candidate that left a race as worse than one no larger than it is off the Pareto front by the test that
+        decided the step: below that one, which is itself below (or is) a full evaluation of at most its size once
+        the front is complete (:meth:`complete_front`); recorded in ``front_closed``, never decoded again."""
+        from .racing import WORSE
+
+        ref = lc.lost_to
+        if lc.why != WORSE or cost[ref].get("params") is None or cost[ref]["params"] > cost[c]["params"]:
+            return
+        self.front_closed.append({"context": es.context, "removed": c.units, "seen": lc.seen,
+                                  "score": es.metric.rounded(lc.score), "below": ref.units, "by": "race"})
+
     def _await_raced(self, candidates: list[Candidate], strategy: str, es: EvalSet) -> dict[Candidate, Evaluation]:
         """Wait for candidates another run is racing: its full evaluation, or its raced-out (partial) one; a
         candidate whose claim lapses with neither (that run died) is evaluated here in full."""
@@ -423,9 +436,10 @@ class EvaluationService:
         return out
 
     def complete_front(self, es: EvalSet, strategy: str) -> list[Evaluation]:
-        """Score in full the raced-out candidates of ``es`` that could be on its Pareto front (no full evaluation
-        of at most their size reaches their upper bound, see :meth:`evaluate_raced`; none stored: no bound), until
-        none is left: the front of a raced search is then plain greedy's. Those that left a race of this run race
+        """Score in full the raced-out candidates of ``es`` that could be on its Pareto front (not closed when they
+        left their race, :meth:`_close_on_loss`, and no full evaluation of at most their size reaches their upper
+        bound, see :meth:`evaluate_raced`; none stored: no bound), until none is left: the front of a raced search
+        is then plain greedy's wherever the races decided as plain greedy does. Those that left a race of this run race
         on from the sentences they saw (:meth:`_race_to_front`) and stop once clearly off the front; the others
         (a resumed run's) are scored in full. The highest bounds go first, one per actor at a time, so that the
         full scores they reach rule out the rest by their bounds alone (where the actors decode in lockstep, all at once:
@@ -488,7 +502,7 @@ class EvaluationService:
                 score = float(np.mean([float(corpus_score(m.name, sub[c][d].sum(axis=0), sacre)) for d in names]))
                 what = below.units if isinstance(below, Candidate) else m.rounded(below)
                 self.front_closed.append({"context": es.context, "removed": c.units, "seen": stop,
-                                          "score": m.rounded(score), "below": what})
+                                          "score": m.rounded(score), "below": what, "by": "front"})
                 self.budget.sentences += kept[c].cost["sentences"] - counted[c]
                 log.info("racing: %s is off the Pareto front after %d sentences per direction (below %s)",
                          "+".join(c.units), stop, "+".join(what) if isinstance(what, list) else what)

@@ -6,10 +6,12 @@ paired bootstrap over the sentences seen so far says, with ``confidence``, that 
 step's ``keep``-th best (1 for greedy, ``width`` for beam) or below the acceptance ``floor``
 (baseline minus threshold). The rest go on to the next chunk, until ``keep`` are left or the dev set
 is exhausted; only those are scored on the whole dev set.
-A candidate that leaves keeps an upper bound of its score: the full score of the candidate it lost to
-plus the ``confidence`` quantile of their paired bootstrap difference (or of its own bootstrap scores,
-if lower); at the end of a search, those whose bound could still put them on the Pareto front are
-scored in full (:meth:`EvaluationService.complete_front`), so the front is plain greedy's.
+A candidate that leaves as worse than one no larger than it is off the Pareto front by the same test that
+decides the step (that one is below or on the front once it is complete). Every other one that leaves keeps an
+upper bound of its score: the full score of the candidate it lost to plus the ``confidence`` quantile of their
+paired bootstrap difference (or of its own bootstrap scores, if lower); at the end of a search, those whose bound
+could still put them on the Pareto front race on against it or are scored in full
+(:meth:`EvaluationService.complete_front`), so the front is plain greedy's wherever the steps' decisions are.
 
 The bootstrap is Koehn's paired bootstrap (2004), the method of sacrebleu's ``--paired-bs``:
 resample the seen sentences with replacement (the same draw for every candidate: paired), rescore
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BOOTSTRAP_SAMPLES = 1000
+WORSE, BELOW = "worse than the leader", "below the threshold"  # why a candidate leaves a race
 GUARD = 0.25  # with the dev set's size: the plain bootstrap must agree in more than 1 - GUARD of its draws
 
 
@@ -103,9 +106,9 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     out, margin = {}, {}
     for i in order[keep:]:
         if draws.below(i, ref):
-            out[cands[i]] = "worse than the leader"
+            out[cands[i]] = WORSE
         elif floor is not None and draws.below(i, float(floor)):
-            out[cands[i]] = "below the threshold"
+            out[cands[i]] = BELOW
         if cands[i] in out:
             margin[cands[i]] = (cands[ref], float(np.quantile(boot[:, i] - boot[:, ref], confidence)))
     assert not leaders & {cands.index(c) for c in out}

@@ -256,6 +256,9 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
         assert why["seen"] < len(demo_sources)
         below = plain_full[Candidate.of(why["below"])].score if isinstance(why["below"], list) else why["below"]
         assert plain_full[c].score < below, (c, why)
+        if why["by"] == "race":  # closed when it left its race: below one no larger than it
+            assert plain_full[Candidate.of(why["below"])].params <= plain_full[c].params, (c, why)
+    assert any(why["by"] == "race" for why in closed.values())
 
 
 def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_cluster, tiny_encdec, tmp_path):
@@ -278,10 +281,17 @@ def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_
         assert not got[small].partial and not got[twin].partial and got[small].score == got[twin].score == 100.0
         assert got[worse].partial and got[worse].sentences < len(sources)
         assert got[small].params <= got[worse].params
+        # it lost to the leader (``small``, first of the two level ones; no larger than it): off the front then
+        (by_race,) = svc.front_closed
+        assert by_race["by"] == "race" and by_race["removed"] == worse.units and by_race["below"] == small.units
+        assert by_race["seen"] == got[worse].sentences  # one direction
+        # racing on for the front (as for one closed otherwise, e.g. below the threshold) stops it the same way
+        svc.front_closed.clear()
         raced = svc.store.get(svc._race_context(es).context, worse)
         spent = svc.budget.sentences
         assert svc._race_to_front([raced], [got[small], got[twin]], "greedy:front", es) == []  # stopped, not stored
         (closed,) = svc.front_closed
+        assert closed["by"] == "front"
         assert closed["removed"] == worse.units and closed["below"] in (small.units, twin.units)
         # decoded on from where it left (here clearly below already on what it saw: nothing more), not to the end
         assert got[worse].sentences <= closed["seen"] < len(sources)
