@@ -320,11 +320,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .session import open_session
 
-    from .families import model_units
+    from .model_files import model_units
 
     cfg = load_config(args.config, _overrides(args))
     removed = Candidate.parse(args.remove)
-    _, units = model_units(cfg.model)
+    _, units = model_units(cfg.model.name, cfg.model.family, cfg.model.trust_remote_code)
     bad = [u for u in removed.units if u not in units]
     if bad:
         raise ValueError(f"--remove: {bad[0]!r} is not a unit of {cfg.model.name}; its units are {', '.join(units)}")

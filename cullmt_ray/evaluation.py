@@ -145,7 +145,7 @@ class EvaluationService:
 
     def evalset(self, directions: list[Direction], limit: int | None = None, metric: str | None = None) -> EvalSet:
         """The context of scoring ``directions`` (first ``limit`` sentences; ``metric`` kl: the proxy)."""
-        from .families import model_fingerprint
+        from .model_files import model_fingerprint
 
         info = self.pool.info[0]
         dtype = self.cfg.model.dtype  # auto resolved to bf16 (GPUs) is a context of its own; auto = fp32 as before

@@ -23,7 +23,6 @@ from .candidate import Candidate
 from .config import Decoding, ModelConfig, ResourcesConfig
 from .data import DevSet, Direction, direction_name
 from .evaluation import RunError
-from .families import load_family
 from .metrics import METRICS, Scorer
 
 
@@ -48,6 +47,8 @@ class EvaluatorActor:
 
     def __init__(self, spec: ModelConfig, devset: DevSet, settings: EvalSettings, threads: int, name: str):
         import torch
+
+        from .families import load_family  # here, not on the driver: it imports torch and transformers
 
         torch.set_num_threads(max(1, threads))
         self.name = name

@@ -87,17 +87,11 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 def preflight(cfg: SearchRunConfig) -> None:
     """Fail fast, in the driver, on what would otherwise fail inside every actor."""
-    from transformers import AutoConfig
-
-    from .families import FamilyError, resolve_model_path
     from .metrics import resolve_spm
+    from .model_files import read_config, resolve_model_path
 
     path = resolve_model_path(cfg.model.name)
-    try:
-        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise FamilyError(f"model.name={cfg.model.name!r}: not a local model folder, and the hub could not "
-                          f"provide it ({str(e).splitlines()[0][:120]})") from None
+    read_config(cfg.model.name, cfg.model.trust_remote_code, cfg.model.family)
     if Path(path).is_dir():
         check_weight_files(Path(path))
     if "spbleu" in cfg.metric.scored:
@@ -110,7 +104,7 @@ def check_weight_files(folder: Path) -> None:
     import json
     import struct
 
-    from .families import FamilyError
+    from .model_files import FamilyError
 
     files = sorted(folder.glob("*.safetensors"))
     if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
@@ -334,7 +328,7 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
     import socket
 
     from .evaluator import EvaluatorPool, EvalSettings
-    from .families import model_units
+    from .model_files import model_units
 
     ds = load_devset_of(cfg)
     preflight(cfg)
@@ -342,7 +336,7 @@ def open_session(cfg: SearchRunConfig, verb: str = "search", run_dir: Path | Non
     calib_dirs = parse_directions(cfg.data.calibration, ds.languages) if cfg.data.calibration else all_dirs
     held_dirs = [d for d in all_dirs if d not in calib_dirs] if cfg.data.heldout else []
     if verb in SEARCHING_VERBS or check is not None:
-        _, units = model_units(cfg.model)
+        _, units = model_units(cfg.model.name, cfg.model.family, cfg.model.trust_remote_code)
         if verb in SEARCHING_VERBS and check is None:
             check_search(cfg, units)
         if check is not None:

@@ -13,7 +13,7 @@ import torch
 
 from cullmt_ray.experts import Selection, select, side_stats
 from cullmt_ray.config import ModelConfig
-from cullmt_ray.families import FamilyError, load_family
+from cullmt_ray.families import FamilyError, load_family, model_units
 
 from .conftest import search_config, write_self_reference_devset
 
@@ -185,6 +185,7 @@ def test_expert_study_on_ray_writes_report_and_export(ray_cluster, tiny_moe, tmp
     assert rows[0.5]["bytes"] < rows[0.25]["bytes"] < rep["baseline"]["bytes"]
     exported = rep["exported"]["eng_Latn-deu_Latn@0.5"]
     reloaded = load_family(ModelConfig(exported))
+    assert model_units(ModelConfig(exported))[1] == reloaded.units()  # the driver's units: the export's experts
     missing = json.loads((Path(exported) / "config.json").read_text()).get("cullmt_missing_experts", {})
     assert reloaded.size().params == rows[0.5]["params"] + 64 * sum(len(v) for v in missing.values())  # router rows
     md = (run / "experts.md").read_text()

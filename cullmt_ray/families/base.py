@@ -20,11 +20,8 @@ import torch
 from torch import nn
 
 from ..config import Decoding
+from ..model_files import FamilyError, config_units
 from ..units import empties_a_group, sort_units
-
-
-class FamilyError(ValueError):
-    """A model or prune set a family cannot handle; one line naming the bad value."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +129,10 @@ class ModelFamily(ABC):
         """The model's prunable layer stacks."""
 
     @classmethod
-    @abstractmethod
     def config_units(cls, config) -> list[str]:
-        """The units of a model with this ``config.json`` (read on the driver, without weights)."""
+        """The units of a model with this ``config.json`` (read on the driver, without weights:
+        :func:`cullmt_ray.model_files.config_units`)."""
+        return config_units(cls.name, config)
 
     @abstractmethod
     def training_examples(self, src: str, tgt: str, sources: list[str], targets: list[str],

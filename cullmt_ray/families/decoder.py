@@ -71,10 +71,6 @@ class DecoderOnlyFamily(ModelFamily):
         return [LayerStack("layer", self.model.model, "layers", ("num_hidden_layers",),
                            ("layer_types",) if hasattr(self.model.config, "layer_types") else ())]
 
-    @classmethod
-    def config_units(cls, config) -> list[str]:
-        return [f"layer.{i}" for i in range(config.num_hidden_layers)]
-
     def training_examples(self, src: str, tgt: str, sources: list[str], targets: list[str],
                           max_len: int) -> list[Example]:
         """The prompt (no loss) followed by the target and EOS (loss)."""

@@ -52,11 +52,6 @@ class EncoderDecoderFamily(ModelFamily):
         return [LayerStack("enc", inner.encoder, "layers", ("encoder_layers",)),
                 LayerStack("dec", inner.decoder, "layers", ("decoder_layers",))]
 
-    @classmethod
-    def config_units(cls, config) -> list[str]:
-        return [f"{p}.{i}" for p, n in (("enc", config.encoder_layers), ("dec", config.decoder_layers))
-                for i in range(n)]
-
     def training_examples(self, src: str, tgt: str, sources: list[str], targets: list[str],
                           max_len: int) -> list[Example]:
         tok = self.tokenizer

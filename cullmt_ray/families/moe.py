@@ -61,19 +61,6 @@ class NllbMoeFamily(EncoderDecoderFamily):
     def _stacks(self) -> list[LayerStack]:
         return []  # units are experts, not layers
 
-    @classmethod
-    def config_units(cls, config) -> list[str]:
-        """Experts of the sparse layers (every ``*_sparse_step``-th), less ``cullmt_missing_experts``."""
-        missing = getattr(config, "cullmt_missing_experts", None) or {}
-        out = []
-        for side, n, step in (("enc", config.encoder_layers, config.encoder_sparse_step),
-                              ("dec", config.decoder_layers, config.decoder_sparse_step)):
-            for i in range(n):
-                if step and (i + 1) % step == 0:
-                    gone = set(missing.get(f"{side}.{i}", []))
-                    out += [expert_unit(f"{side}.{i}", e) for e in range(config.num_experts) if e not in gone]
-        return out
-
     # --------------------------------------------------------------- units and sizes
     def units(self) -> list[str]:
         return [expert_unit(layer, e) for layer, present in self.experts_of.items() for e in present]
