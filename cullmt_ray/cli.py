@@ -532,8 +532,10 @@ def run() -> None:
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     try:
-        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()
+        if "ray" in sys.modules:
+            from .session import stop_ray
+
+            stop_ray()
     finally:
         logging.shutdown()
         sys.stdout.flush()

@@ -85,6 +85,27 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         signal.signal(signal.SIGTERM, on_term)
 
 
+def stop_ray() -> None:
+    """Shut Ray down. A local cluster this process started loses its autoscaler monitor first (SIGKILL): Ray's own
+    shutdown stops the GCS before it, then gives it 1 s to exit on SIGTERM, which it spends reporting to the GCS that
+    is gone, and kills it anyway; the same end, ~1 s sooner. A driver connected to a cluster holds no processes."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception as e:  # noqa: BLE001 - Ray's private layout changed: its own shutdown stops it, 1 s later
+        log.debug("autoscaler monitor not stopped ahead of Ray (%s)", e)
+    ray.shutdown()
+
+
 def preflight(cfg: SearchRunConfig) -> None:
     """Fail fast, in the driver, on what would otherwise fail inside every actor."""
     from .metrics import resolve_spm

@@ -65,3 +65,28 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_stopping_a_local_cluster_leaves_none_of_its_processes():
+    """session.stop_ray (what the CLI runs at exit) ends a cluster ensure_ray started: the autoscaler monitor first
+    (killed, not left to time out on a GCS already gone), then every other process Ray started."""
+    import psutil
+
+    code = """
+import json
+import ray
+from ray._private import ray_constants, worker
+from cullmt_ray.session import ensure_ray, stop_ray
+ensure_ray(None, 1)
+node = worker._global_node
+procs = {k: [i.process for i in v] for k, v in node.all_processes.items()}
+stop_ray()
+print(json.dumps({"pids": [p.pid for v in procs.values() for p in v],
+                  "monitor": [p.returncode for p in procs[ray_constants.PROCESS_TYPE_MONITOR]],
+                  "up": ray.is_initialized()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["monitor"] == [-9] and not got["up"]
+    alive = [p for p in got["pids"] if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert len(got["pids"]) >= 4 and not alive, alive
