@@ -83,14 +83,25 @@ def _family_of(conf) -> str:
     return "encdec" if getattr(conf, "is_encoder_decoder", False) else "decoder"
 
 
+def _known_model_type(model_type: str) -> bool:
+    """Whether the installed transformers has a model package for ``model_type`` (found, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return (Path(list(spec.submodule_search_locations)[0]) / "models" / model_type.replace("-", "_")).is_dir()
+
+
 def _from_json(path: str, family: str) -> SimpleNamespace | None:
     """``config.json`` of a local folder as attributes, where it holds every field the units need (else None)."""
     try:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(raw, dict) or not raw.get("model_type") or "auto_map" in raw:
-        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str) or "auto_map" in raw \
+            or not _known_model_type(raw["model_type"]):
+        return None  # transformers decides (and names what is wrong)
     conf = SimpleNamespace(**raw)
     if "is_encoder_decoder" not in raw and "moe" not in raw["model_type"] and "num_hidden_layers" not in raw:
         return None  # an encoder-decoder whose class sets it: let transformers say

@@ -44,6 +44,9 @@ def test_an_unreadable_config_is_one_line(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(FamilyError, match=r"model.name=.*not a local model folder"):
         model_units(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model", "num_hidden_layers": 2}))
+    with pytest.raises(FamilyError, match=r"model.name=.*not a local model folder.*no_such_model"):
+        model_units(str(folder))  # a model type transformers does not know: its error, here, not in an actor
     with pytest.raises(FamilyError, match=r"model.family='encoder': expected auto or one of encdec, decoder, moe"):
         model_units("reference:dense", family="encoder")
 
