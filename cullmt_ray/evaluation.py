@@ -403,7 +403,7 @@ class EvaluationService:
         from .racing import WORSE
 
         ref = lc.lost_to
-        if lc.why != WORSE or cost[ref].get("params") is None or cost[ref]["params"] > cost[c]["params"]:
+        if lc.why != WORSE or cost[ref]["params"] > cost[c]["params"]:  # both decoded the race's rounds
             return
         self.front_closed.append({"context": es.context, "removed": c.units, "seen": lc.seen,
                                   "score": es.metric.rounded(lc.score), "below": ref.units, "by": "race"})

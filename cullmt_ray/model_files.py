@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
-from .units import expert_unit
+from .units import expert_unit, moe_module_path
 
 REFERENCE_MODELS = ("dense", "moe", "llama")
 FAMILY_NAMES = ("encdec", "decoder", "moe")
@@ -102,9 +102,8 @@ def _from_json(path: str, family: str) -> SimpleNamespace | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str) or "auto_map" in raw \
             or not _known_model_type(raw["model_type"]):
         return None  # transformers decides (and names what is wrong)
-    conf = SimpleNamespace(**raw)
-    if "is_encoder_decoder" not in raw and "moe" not in raw["model_type"] and "num_hidden_layers" not in raw:
-        return None  # an encoder-decoder whose class sets it: let transformers say
+    conf = SimpleNamespace(**raw)  # (an encoder-decoder without is_encoder_decoder reads as decoder-only, and
+    # lacks num_hidden_layers: transformers decides)
     fam = family if family != "auto" else _family_of(conf)
     return conf if all(f in raw for f in _UNIT_FIELDS.get(fam, ("?",))) else None
 
@@ -138,8 +137,7 @@ def config_units(family: str, conf) -> list[str]:
                           ("dec", conf.decoder_layers, conf.decoder_sparse_step)):
         for i in range(n):
             if step and (i + 1) % step == 0:
-                stack = "encoder" if side == "enc" else "decoder"  # a pruned export files them by module
-                gone = set(missing.get(f"model.{stack}.layers.{i}.ffn", missing.get(f"{side}.{i}", [])))
+                gone = set(missing.get(moe_module_path(f"{side}.{i}"), []))
                 out += [expert_unit(f"{side}.{i}", e) for e in range(conf.num_experts) if e not in gone]
     return out
 

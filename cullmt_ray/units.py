@@ -56,6 +56,13 @@ def expert_unit(layer: str, expert: int) -> str:
     return f"{layer}.expert.{expert}"
 
 
+def moe_module_path(layer: str) -> str:
+    """``enc.1`` -> ``model.encoder.layers.1.ffn``: an NLLB-MoE sparse layer's module (what a pruned export files its
+    missing experts under)."""
+    side, i = layer.split(".")
+    return f"model.{'encoder' if side == 'enc' else 'decoder'}.layers.{i}.ffn"
+
+
 def split_expert(unit: str) -> tuple[str, int]:
     """``enc.1.expert.3`` -> (``enc.1``, 3)."""
     u = parse_unit(unit)

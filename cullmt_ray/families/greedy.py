@@ -497,7 +497,8 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
     :func:`greedy_encdec_group`): ``prompts[c]`` is prune set ``c``'s prompt pass of the same batch of ``B``
     prompts, ``(cache, logits, mask, next positions)`` (:func:`_prompt_pass` with the set applied: its cache holds
     the layers it keeps, in order; the list is emptied once their keys/values are copied, so that their caches are
-    freed), ``keeps[c][layer]`` whether it keeps a layer of the full model (none applied now). One batch holds every set's rows (set ``c``'s rows ``c * B .. c * B + B - 1``) and each layer computes the
+    freed), ``keeps[c][layer]`` whether it keeps a layer of the full model (none applied now). One batch holds every
+    set's rows (set ``c``'s rows ``c * B .. c * B + B - 1``) and each layer computes the
     rows of the sets that keep it; a row's numbers are those of decoding its set alone. Returns, per prune set, the
     tokens of each row."""
     from transformers.masking_utils import create_causal_mask

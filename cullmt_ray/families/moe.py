@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import nllb_moe_fix
-from ..units import expert_unit, sort_units, split_expert
+from ..units import expert_unit, moe_module_path, sort_units, split_expert
 from .base import LayerStack, Size
 from .encdec import EncoderDecoderFamily, _is_moe
 
@@ -166,7 +166,7 @@ class NllbMoeFamily(EncoderDecoderFamily):
         for name, t in self.model.state_dict().items():
             state[name] = t
         for layer, keep in kept.items():
-            base = self._module_path(layer)
+            base = moe_module_path(layer)
             for e in range(self.num_experts):
                 for k in [k for k in state if k.startswith(f"{base}.experts.expert_{e}.")]:
                     state.pop(k)
@@ -200,10 +200,6 @@ class NllbMoeFamily(EncoderDecoderFamily):
 
         honour_umask(out)
         return out
-
-    def _module_path(self, layer: str) -> str:
-        side, i = layer.split(".")
-        return f"model.{'encoder' if side == 'enc' else 'decoder'}.layers.{i}.ffn"
 
 
 def _masker(experts: list[int]):
