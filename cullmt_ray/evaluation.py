@@ -201,7 +201,7 @@ class EvaluationService:
         while waiting:
             mine, taken = self.claim_or_read(waiting, es, strategy, out)
             bar.update(len(waiting) - len(mine) - len(taken))  # read from the store
-            for cand, res in self.pool.evaluate(((c, es.directions) for c in mine), es.limit, es.metric.name):
+            for cand, res in self._decode(mine, es):
                 out[cand] = self.record(cand, res, es, strategy)
                 bar.update(1)
             if taken and not mine:  # another run computes these: wait for its rows (or its claims to expire)
@@ -214,6 +214,26 @@ class EvaluationService:
         bar.close()
         self.budget.requested += sum(out[c].sentences for c in dict.fromkeys(candidates))
         return [out[c] for c in candidates]
+
+    def _decode(self, candidates: list[Candidate], es: EvalSet):
+        """``(candidate, result)`` of full evaluations on the pool as they finish (:meth:`EvaluatorPool.evaluate`),
+        except that fewer candidates than actors (the baseline, a held-out check) are cut by sentences, where rows are
+        exact and the metric is decoded: a piece per actor with every direction (prompts and batches shared across
+        directions, the candidates in lockstep where the actors decode so), the pieces balanced by their sentences'
+        lengths, and each candidate scored from its hypotheses as a race's survivor is (:meth:`_full_result`); the
+        pool would give each actor whole directions instead."""
+        if not (self.pool.exact_rows and METRICS[es.metric.name].decoded) or len(candidates) >= self.pool.size:
+            yield from self.pool.evaluate(((c, es.directions) for c in candidates), es.limit, es.metric.name)
+            return
+        n = es.limit or len(self.devset)
+        names = [tuple(d) for d in es.directions]
+        hyps = {c: {d: [] for d in names} for c in candidates}
+        stats = {c: {d: [] for d in names} for c in candidates}
+        cost = {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in candidates}
+        for c, part in self._race_chunks([(c, c.units, names, 0, n) for c in candidates], n):
+            _add_part(part, hyps[c], cost[c], stats[c])
+        for c in candidates:
+            yield c, self._full_result(hyps[c], stats[c], cost[c], es, names)
 
     def claim_or_read(self, candidates: list[Candidate], es: EvalSet, strategy: str,
                       out: dict[Candidate, Evaluation]) -> tuple[list[Candidate], list[Candidate]]:

@@ -291,6 +291,9 @@ def place_actors(n: int, need: dict[str, float], placement: str = "spread") -> l
 
 # what each actor ran, remembered for placement (EvaluatorPool._spread): about what its caches of states hold
 RAN_BATCHES, RAN_KEPT = 64, 32  # sentence ranges, and prune sets per range
+# What a row costs besides its sentences' characters (its source and reference), in characters: the prompt's or
+# language tokens' share of a row; cuts of a run of sentences over the actors balance these weights (_cut)
+ROW_CHARS = 16
 
 
 def _common(a: tuple, b: tuple) -> int:
@@ -303,10 +306,21 @@ def _common(a: tuple, b: tuple) -> int:
     return n
 
 
-def _cut(start: int, stop: int, pieces: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` cut into at most ``pieces`` runs of (nearly) equal length."""
+def _cut(start: int, stop: int, pieces: int, weights: list[float] | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into at most ``pieces`` runs of (nearly) equal weight (``weights[i]``: sentence
+    ``i``'s; default: equal length): each cut where the running weight comes closest to its share."""
     n = max(1, min(pieces, stop - start))
-    return [(start + (stop - start) * i // n, start + (stop - start) * (i + 1) // n) for i in range(n)]
+    if weights is None:
+        return [(start + (stop - start) * i // n, start + (stop - start) * (i + 1) // n) for i in range(n)]
+    run = [0.0]
+    for i in range(start, stop):
+        run.append(run[-1] + weights[i])
+    cuts = [start]
+    for j in range(1, n):
+        lo, hi = cuts[-1] + 1, stop - (n - j)  # every run keeps at least one sentence
+        share = run[-1] * j / n
+        cuts.append(min(range(lo, hi + 1), key=lambda c: (abs(run[c - start] - share), c)))
+    return list(zip(cuts, cuts[1:] + [stop]))
 
 
 def prefix_order(jobs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -355,6 +369,8 @@ class EvaluatorPool:
         self._filled: dict[Any, tuple[int, ray.ObjectRef]] = {}  # filler calls finished, not yet taken: key -> (actor, ref)
         self.lockstep = all(i.get("lockstep") for i in self.info)  # racing chunks of several prune sets in one task
         self.exact_rows = all(i.get("exact_rows") for i in self.info)  # a sentence decodes the same in any batch
+        self._devset = devset
+        self._weights: dict[tuple, list[float]] = {}
 
     @property
     def size(self) -> int:
@@ -511,9 +527,21 @@ class EvaluatorPool:
             else:
                 yield keys, {**result, "start": s}
 
+    def weights(self, directions) -> list[float]:
+        """Per dev sentence, what decoding it in ``directions`` costs, roughly: its source's and reference's characters
+        in each direction plus :data:`ROW_CHARS` per row (the generated length follows the reference's, the prompt the
+        source's), so that the pieces :func:`_cut` gives the actors take about as long as each other."""
+        key = tuple(map(tuple, directions))
+        if key not in self._weights:
+            lines = self._devset.lines
+            self._weights[key] = [sum(len(lines[src][i]) + len(lines[tgt][i]) + ROW_CHARS for src, tgt in key)
+                                  for i in range(len(self._devset))]
+        return self._weights[key]
+
     def race_tasks(self, chunks: list[tuple]) -> list[tuple]:
         """Racing chunks ``(key, removed, directions, start, stop)`` cut into pieces of the same shape (a key's pieces
-        make its chunk) that share a round out evenly over the actors, so that none waits for the others at its end.
+        make its chunk) that share a round out evenly over the actors (by :meth:`weights`), so that none waits for the
+        others at its end.
         Where rows are exact (a sentence decodes the same in any batch): in lockstep, each run of sentences is cut
         into one piece per actor, each with every prune set (one task per actor, :meth:`_groups`); otherwise each
         chunk is a task, except the chunks left over when they do not divide evenly over the actors, cut by
@@ -523,10 +551,11 @@ class EvaluatorPool:
         chunks = prefix_order(chunks)
         k = self.size
         if self.lockstep:  # lockstep only where rows are exact (EvaluatorActor.ready)
-            return [(key, r, d, a, b) for key, r, d, s, e in chunks for a, b in _cut(s, e, k)]
+            return [(key, r, d, a, b) for key, r, d, s, e in chunks for a, b in _cut(s, e, k, self.weights(d))]
         whole = len(chunks) - len(chunks) % k
         if self.exact_rows:
-            return chunks[:whole] + [(key, r, d, a, b) for key, r, d, s, e in chunks[whole:] for a, b in _cut(s, e, k)]
+            return chunks[:whole] + [(key, r, d, a, b) for key, r, d, s, e in chunks[whole:]
+                                     for a, b in _cut(s, e, k, self.weights(d))]
         return chunks[:whole] + [(key, r, [one], s, e) for key, r, d, s, e in chunks[whole:] for one in d]
 
     def _groups(self, jobs: list[tuple]) -> list[list[tuple]]:

@@ -11,7 +11,7 @@ import ray
 from cullmt_ray.candidate import Candidate
 from cullmt_ray.data import load_devset
 from cullmt_ray.config import ResourcesConfig as Resources
-from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, plan_actors
+from cullmt_ray.evaluator import EvalSettings, EvaluatorPool, _cut, plan_actors
 from cullmt_ray.config import ModelConfig
 
 
@@ -63,6 +63,14 @@ def test_place_actors_spreads_packs_and_leaves_the_rest_to_ray(monkeypatch):
     assert evaluator.place_actors(2, {"CPU": 1.0, "cullmt": 1.0}, "spread") == [a, None]
 
 
+def test_a_run_of_sentences_is_cut_into_pieces_of_about_equal_weight():
+    assert _cut(0, 8, 2) == [(0, 4), (4, 8)]  # no weights: equal lengths
+    assert _cut(0, 10, 2, [5] + [1] * 9) == [(0, 3), (3, 10)]  # 7 and 7
+    assert _cut(4, 8, 2, [9, 9, 9, 9, 1, 1, 1, 5]) == [(4, 7), (7, 8)]  # the weights of sentences 4..7 only
+    assert _cut(0, 3, 3, [100, 1, 1]) == [(0, 1), (1, 2), (2, 3)]  # every piece keeps a sentence
+    assert _cut(0, 2, 4, [1, 1]) == [(0, 1), (1, 2)]  # no more pieces than sentences
+
+
 def test_whole_candidate_tasks_score_as_direction_tasks(ray_cluster, tiny_encdec):
     """With 2 actors, 3 candidates run as 2 whole-candidate tasks (all directions decoded together) and one
     candidate split into a task per direction: every candidate's scores equal those of its directions scored
@@ -110,8 +118,10 @@ def test_a_step_candidate_runs_where_its_base_set_left_its_states(ray_cluster, t
         two = [("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")]
         chunks = [(u, [u], two, 0, 8) for u in ("layer.0", "layer.2", "layer.3")]
         tasks = pool.race_tasks(chunks)
-        cut = [k for k, *_, e in tasks if e == 4]
-        assert len(cut) == 1 and sorted((s, e) for k, _, d, s, e in tasks if k == cut[0] and d == two) == [(0, 4), (4, 8)]
+        cut = list(dict.fromkeys(k for k, *_, s, e in tasks if (s, e) != (0, 8)))
+        halves = _cut(0, 8, 2, pool.weights(two))
+        assert len(halves) == 2 and halves[0][0] == 0 and halves[0][1] == halves[1][0] and halves[1][1] == 8
+        assert len(cut) == 1 and sorted((s, e) for k, _, d, s, e in tasks if k == cut[0] and d == two) == halves
         assert sorted(k for k, *_, s, e in tasks if (s, e) == (0, 8)) == sorted({u for u, *_ in chunks} - set(cut))
         pieces = sorted(pool.sentence_stats(tasks, 8), key=lambda kp: kp[1]["start"])
         whole = ray.get(pool.actors[0].sentence_stats.remote([cut[0]], two, 0, 8, 8))
@@ -145,12 +155,13 @@ def test_racing_chunks_of_several_prune_sets_share_one_task_per_actor(ray_cluste
             assert got[key]["sentences"] == 8 and got[key]["start"] == start
         # a round cut for the actors: two runs of sentences, each with all five prune sets; the same statistics
         tasks = pool.race_tasks(jobs[:-1])
-        assert sorted((s, e) for *_, s, e in tasks) == [(4, 6)] * 5 + [(6, 8)] * 5
+        (a, b), (c, d) = halves = _cut(4, 8, 2, pool.weights(dirs))
+        assert a == 4 and b == c and d == 8 and sorted((s, e) for *_, s, e in tasks) == [halves[0]] * 5 + [halves[1]] * 5
         assert sorted(len(g) for g in pool._groups(tasks)) == [5, 5]
         pieces = sorted(pool.sentence_stats(tasks, 12), key=lambda kp: kp[1]["start"])
         for key, r, d, start, stop in jobs[:-1]:
             mine = [p for k, p in pieces if k == key]
-            assert [p["start"] for p in mine] == [4, 6]
+            assert [p["start"] for p in mine] == [4, b]
             for i in range(len(dirs)):
                 assert [x for p in mine for x in p["parts"][i]["stats"]] == got[key]["parts"][i]["stats"], key
                 assert [x for p in mine for x in p["parts"][i]["hyps"]] == got[key]["parts"][i]["hyps"], key

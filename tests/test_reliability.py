@@ -86,6 +86,8 @@ def test_old_stores_get_the_claims_table(tmp_path):
 class FakePool:
     """Computes a candidate on the driver; counts what it computed."""
 
+    exact_rows, size = False, 1  # whole candidates only (EvaluationService._decode)
+
     def __init__(self):
         self.computed = []
 

@@ -261,6 +261,28 @@ def test_racing_greedy_makes_plain_greedys_decisions(ray_cluster, model, demo_so
     assert any(why["by"] == "race" for why in closed.values())
 
 
+@pytest.mark.parametrize("model", ["tiny_encdec", "tiny_llama"])
+def test_a_candidate_with_no_actor_to_itself_is_cut_by_sentences(ray_cluster, model, tmp_path, request):
+    """Where rows are exact, fewer candidates than actors (the baseline) are decoded in one piece of sentences per
+    actor, every direction in each, and scored from their hypotheses: every metric as one actor's whole evaluation."""
+    import ray
+
+    from cullmt_ray.candidate import BASELINE, Candidate
+    from cullmt_ray.session import open_session
+
+    units = ["enc.1"] if model == "tiny_encdec" else ["layer.1"]
+    cfg = search_config(tmp_path, request.getfixturevalue(model), "builtin:demo", data__max_sentences=24,
+                        data__languages="[eng_Latn, deu_Latn, fra_Latn]", data__directions="english-centric")
+    with open_session(cfg, "search") as s:
+        svc, es = s.service, s.calibration
+        assert svc.pool.size == 2 and svc.pool.exact_rows and len(es.directions) == 4
+        for cand in (BASELINE, Candidate.of(units)):
+            (ev,) = svc.evaluate([cand], "check", es)
+            whole = ray.get(svc.pool.actors[0].evaluate.remote(list(cand.units), es.directions))
+            assert ev.metrics == whole["metrics"] and ev.score == whole["score"] and ev.params == whole["params"]
+            assert ev.sentences == 24 * 4 and set(ev.actor.split(",")) == set(svc.pool.names)  # a piece on each
+
+
 def test_completing_the_front_stops_a_candidate_clearly_below_a_smaller_one(ray_cluster, tiny_encdec, tmp_path):
     """A raced-out candidate the front might need races on from the sentences it saw and stops as soon as it is
     clearly below a full evaluation of at most its size (on those sentences already: before decoding any more);
