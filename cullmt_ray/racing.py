@@ -4,8 +4,10 @@ Every candidate of a step is decoded on the same first chunk of dev sentences pe
 chunks grow with the sentences seen, :func:`next_stop`); a candidate leaves the race as soon as a
 paired bootstrap over the sentences seen so far says, with ``confidence``, that it scores below the
 step's ``keep``-th best (1 for greedy, ``width`` for beam) or below the acceptance ``floor``
-(baseline minus threshold). The rest go on to the next chunk, until ``keep`` are left or the dev set
-is exhausted; only those are scored on the whole dev set.
+(baseline minus threshold), the latter only while that ``keep``-th best may be above the floor itself (once it is
+clearly below, the step accepts nothing and the race only decides its best, in full, and the front's point). The
+rest go on to the next chunk, until ``keep`` are left or the dev set is exhausted; only those are scored on the
+whole dev set.
 A candidate that leaves as worse than one no larger than it is off the Pareto front by the same test that
 decides the step (that one is below or on the front once it is complete). Every other one that leaves keeps an
 upper bound of its score: the full score of the candidate it lost to plus the ``confidence`` quantile of their
@@ -95,8 +97,9 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     """One decision of the race. ``stats[candidate][direction]`` is an ``(m, k)`` array of the seen
     sentences' statistics (the same ``m`` sentences for every candidate of a direction); candidates are
     in ask order, which breaks ties. ``total``: the sentences per direction of the whole race (decisions and
-    bounds are then of the full scores, see the module doc). Returns the point scores, who leaves the race now
-    and an upper bound of each candidate's score."""
+    bounds are then of the full scores, see the module doc). ``floor`` drops a candidate only while the ``keep``-th
+    best is not clearly below it too. Returns the point scores, who leaves the race now and an upper bound of each
+    candidate's score."""
     cands = list(stats)
     draws = _Draws.of(stats, directions, metric_name, samples, seed, sacre, confidence, total)
     point, boot = draws.point, draws.plain
@@ -104,10 +107,13 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     leaders = set(order[:keep])
     ref = order[min(keep, len(cands)) - 1]
     out, margin = {}, {}
+    # the floor decides only while the keep-th best may be above it: once that one is clearly below it too, nothing
+    # this step holds is accepted, and the rest race on as worse than it or not (the step's best, the front's point)
+    floor = None if floor is None or draws.below(ref, float(floor)) else float(floor)
     for i in order[keep:]:
         if draws.below(i, ref):
             out[cands[i]] = WORSE
-        elif floor is not None and draws.below(i, float(floor)):
+        elif floor is not None and draws.below(i, floor):
             out[cands[i]] = BELOW
         if cands[i] in out:
             margin[cands[i]] = (cands[ref], float(np.quantile(boot[:, i] - boot[:, ref], confidence)))

@@ -63,10 +63,24 @@ def test_race_round_drops_only_the_clearly_worse():
     assert res.scores["a"] == res.scores["twin"] == pytest.approx(100.0) and res.scores["close"] < 100.0
     # beam: the best `keep` are never dropped; a floor above a candidate drops it as below the threshold
     assert race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu", keep=2).out == {}
-    res = race_round({"a": {d: good}, "close": {d: close}}, [d], "spbleu", floor=100.5)
-    assert res.out == {"close": "below the threshold"}
+    res = race_round({"a": {d: good}, "close": {d: close}}, [d], "spbleu", floor=99.95)
+    assert res.out == {} and res.scores["close"] < 99.95  # not clearly below it: one sentence behind
+    # a floor above the leader too decides nothing (the step accepts nothing either way): only the clearly worse leave
+    res = race_round({"a": {d: good}, "close": {d: close}, "bad": {d: bad}}, [d], "spbleu", floor=100.5)
+    assert res.out == {"bad": "worse than the leader"}
     # each candidate's upper bound (the front check's): at least its point score, at most a perfect score
     assert res.scores["close"] <= res.upper["close"] <= 100.0 and res.upper["a"] == pytest.approx(100.0)
+    # a candidate steady a little below a leader of mixed sentences: not clearly worse than it, but clearly below a
+    # floor under the leader; a floor above the leader as well decides nothing
+    mixed = good.copy()
+    mixed[:, 2:6] = (good[:, 2:6] * np.random.default_rng(5).uniform(0.5, 1.0, size=(40, 1))).astype(int)
+    steady = good.copy()
+    steady[:, 2:6] = (good[:, 2:6] * 0.7).astype(int)
+    stats = {"mixed": {d: mixed}, "steady": {d: steady}}
+    lead = race_round(stats, [d], "spbleu").scores["mixed"]
+    assert race_round(stats, [d], "spbleu").out == {}
+    assert race_round(stats, [d], "spbleu", floor=lead - 2).out == {"steady": "below the threshold"}
+    assert race_round(stats, [d], "spbleu", floor=lead + 8).out == {}
     res = race_round({"a": {d: good}, "bad": {d: bad}}, [d], "spbleu")
     assert res.scores["bad"] <= res.upper["bad"] < res.scores["a"]  # every sentence alike: no spread
 
