@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -215,7 +216,7 @@ class EvaluationService:
         self.budget.requested += sum(out[c].sentences for c in dict.fromkeys(candidates))
         return [out[c] for c in candidates]
 
-    def _decode(self, candidates: list[Candidate], es: EvalSet):
+    def _decode(self, candidates: list[Candidate], es: EvalSet) -> Iterator[tuple[Candidate, dict]]:
         """``(candidate, result)`` of full evaluations on the pool as they finish (:meth:`EvaluatorPool.evaluate`),
         except that fewer candidates than actors (the baseline, a held-out check) are cut by sentences, where rows are
         exact and the metric is decoded: a piece per actor with every direction (prompts and batches shared across

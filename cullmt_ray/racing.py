@@ -4,10 +4,11 @@ Every candidate of a step is decoded on the same first chunk of dev sentences pe
 chunks grow with the sentences seen, :func:`next_stop`); a candidate leaves the race as soon as a
 paired bootstrap over the sentences seen so far says, with ``confidence``, that it scores below the
 step's ``keep``-th best (1 for greedy, ``width`` for beam) or below the acceptance ``floor``
-(baseline minus threshold), the latter only while that ``keep``-th best may be above the floor itself (once it is
-clearly below, the step accepts nothing and the race only decides its best, in full, and the front's point). The
-rest go on to the next chunk, until ``keep`` are left or the dev set is exhausted; only those are scored on the
-whole dev set.
+(baseline minus threshold), the latter only while that ``keep``-th best may be above the floor itself: once it is
+clearly below too, the floor no longer tells who takes the first ``keep`` places (a greedy step then accepts nothing,
+a beam keeps its width whatever their scores), and the rest leave only as worse than it, so the step ranks as plain
+scoring ranks it. The rest go on to the next chunk, until ``keep`` are left or the dev set is exhausted; only those
+are scored on the whole dev set.
 A candidate that leaves as worse than one no larger than it is off the Pareto front by the same test that
 decides the step (that one is below or on the front once it is complete). Every other one that leaves keeps an
 upper bound of its score: the full score of the candidate it lost to plus the ``confidence`` quantile of their
@@ -107,8 +108,8 @@ def race_round(stats: dict, directions: list, metric_name: str, keep: int = 1, f
     leaders = set(order[:keep])
     ref = order[min(keep, len(cands)) - 1]
     out, margin = {}, {}
-    # the floor decides only while the keep-th best may be above it: once that one is clearly below it too, nothing
-    # this step holds is accepted, and the rest race on as worse than it or not (the step's best, the front's point)
+    # the floor decides only while the keep-th best may be above it: once that one is clearly below it too, the floor
+    # no longer tells who takes the first keep places, and the rest race on as worse than it or not (module doc)
     floor = None if floor is None or draws.below(ref, float(floor)) else float(floor)
     for i in order[keep:]:
         if draws.below(i, ref):
