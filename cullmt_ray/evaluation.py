@@ -56,6 +56,13 @@ class _Decoded(NamedTuple):
     stats: dict
 
 
+def _nothing_decoded(candidates: list[Candidate], names: list) -> tuple[dict, dict, dict]:
+    """Empty hypotheses and sentence statistics per direction, and a zero cost, for each candidate (:func:`_add_part`
+    fills them)."""
+    return ({c: {d: [] for d in names} for c in candidates}, {c: {d: [] for d in names} for c in candidates},
+            {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in candidates})
+
+
 def _add_part(part: dict, hyps: dict, cost: dict, stats: dict | None = None) -> None:
     """Add an actor's race chunk (:meth:`EvaluatorActor.sentence_stats`) to a candidate's hypotheses, sentence
     statistics (per direction) and cost."""
@@ -228,9 +235,7 @@ class EvaluationService:
             return
         n = es.limit or len(self.devset)
         names = [tuple(d) for d in es.directions]
-        hyps = {c: {d: [] for d in names} for c in candidates}
-        stats = {c: {d: [] for d in names} for c in candidates}
-        cost = {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in candidates}
+        hyps, stats, cost = _nothing_decoded(candidates, names)
         for c, part in self._race_chunks([(c, c.units, names, 0, n) for c in candidates], n):
             _add_part(part, hyps[c], cost[c], stats[c])
         for c in candidates:
@@ -337,9 +342,7 @@ class EvaluationService:
         n = es.limit or len(self.devset)
         names = [tuple(d) for d in es.directions]
         sacre = _sacre(es)
-        stats = {c: {d: [] for d in names} for c in todo}
-        hyps = {c: {d: [] for d in names} for c in todo}
-        cost = {c: {"sentences": 0, "seconds": 0.0, "actors": set()} for c in todo}
+        hyps, stats, cost = _nothing_decoded(todo, names)
         alive, left, seen, rnd = list(todo), {}, 0, 0
         ahead: dict[Candidate, tuple[int, int]] = {}  # a leader's next chunk run ahead by an idle actor (FILLERS)
         fillers = {"used": 0, "dropped": 0, "dropped_sentences": 0}
