@@ -19,13 +19,16 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
   states as actors hold them (interleaved, same outputs).
 - ``lockstep``: a decoder-only race round decoded in lockstep (every candidate's rows in one batch, each layer
   computing the rows of the candidates that keep it) vs one candidate after another (interleaved, same outputs).
+- ``head``: greedy's next tokens from the output head's product in bfloat16, certified by a rounding bound
+  (``cullmt_ray/families/head.py``), vs the float32 head: a lockstep race round's head rows on each reference model,
+  the head alone and the whole round (same tokens).
 - ``demo``: README command 1 (``cullmt-ray search``, the embedded default): wall time, answer.
 - ``bf16``: the greedy loop in bf16 vs fp32 on this CPU (a demo candidate), and whether bf16 rows stay exact.
 - ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
   no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
   decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
   GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
-    python bench/bench_speed.py [--parts greedy,candidate,states,stems,lockstep,demo,bf16,scale]
+    python bench/bench_speed.py [--parts greedy,candidate,states,stems,lockstep,head,demo,bf16,scale]
 """
 
 from __future__ import annotations
@@ -393,6 +396,69 @@ def part_lockstep(args) -> dict:
         print("lockstep", n, out[f"{n}_sentences"], flush=True)
     return {"lockstep": {"model": "reference:llama", "base": base, "candidates": len(sets), "threads": 1,
                          "repeats": args.repeats, **out}}
+
+
+def part_head(args) -> dict:
+    """The output head's argmax certified from its bfloat16 product (``cullmt_ray/families/head.py``) vs the float32
+    head: on each reference model, the rows its head sees in greedy's second step decoded in lockstep (its race's
+    first round: the search's first answer removed, every candidate adding one more unit, ``--chunk`` sentences x 6
+    directions), captured, then both ways on the same rows, interleaved, median of ``--repeats``; and the whole round
+    with the certified head on and off (``CULLMT_BF16_HEAD``, same outputs); 1 thread."""
+    import torch
+
+    import cullmt_ray.families.greedy as greedy
+    from cullmt_ray.config import Decoding, ModelConfig
+    from cullmt_ray.data import load_devset, parse_directions
+    from cullmt_ray.families import load_family
+    from cullmt_ray.families.head import head_argmax, native_bf16
+
+    torch.set_num_threads(1)
+    dev = load_devset("builtin:demo")
+    dirs = parse_directions("english-centric", list(dev.lines))
+    jobs = [(list(dev.lines[s][: args.chunk]), s, t) for s, t in dirs]
+    out = {"native_bf16": native_bf16(torch.device("cpu")), "threads": 1, "repeats": args.repeats}
+    for name, base in (("reference:dense", ["enc.3"]), ("reference:llama", ["layer.2"])):
+        fam = load_family(ModelConfig(name))
+        fam.keep_states()
+        sets = [base + [u] for u in fam.units() if u not in base]
+        with fam.apply(base):
+            fam.translate_many(jobs, Decoding())  # the base set's kept states, as its actor holds them
+        rows: list = []
+        real = greedy.head_argmax
+        greedy.head_argmax = lambda head, hidden, stats=None: rows.append(hidden.clone()) or real(head, hidden, stats)
+        try:
+            fam.translate_group(sets, jobs, Decoding())
+        finally:
+            greedy.head_argmax = real
+        head = fam.model.get_output_embeddings()
+        seconds: dict[str, list[float]] = {"bf16": [], "fp32": [], "round_on": [], "round_off": []}
+        stats: dict = {}
+        with torch.inference_mode():
+            same = all(torch.equal(head_argmax(head, h, stats), head(h).float().max(-1).indices) for h in rows)
+            for r in range(args.repeats):
+                for way in ("bf16", "fp32") if r % 2 == 0 else ("fp32", "bf16"):
+                    t = time.perf_counter()
+                    for h in rows:
+                        head_argmax(head, h) if way == "bf16" else head(h).float().max(-1).indices
+                    seconds[way].append(time.perf_counter() - t)
+        hyps = {}
+        for r in range(args.repeats):
+            for way in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                os.environ["CULLMT_BF16_HEAD"] = "1" if way == "on" else "0"
+                t = time.perf_counter()
+                hyps[way] = fam.translate_group(sets, jobs, Decoding())
+                seconds[f"round_{way}"].append(time.perf_counter() - t)
+        os.environ.pop("CULLMT_BF16_HEAD", None)
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        out[name] = {"base": base, "candidates": len(sets), "head_rows": sum(h.shape[0] for h in rows),
+                     "recomputed_in_fp32": round(stats["recomputed"] / stats["rows"], 3),
+                     "head_fp32_seconds": round(med["fp32"], 3), "head_bf16_certified_seconds": round(med["bf16"], 3),
+                     "head_ratio": round(med["bf16"] / med["fp32"], 3), "same_tokens": same,
+                     "round_off_seconds": round(med["round_off"], 3), "round_on_seconds": round(med["round_on"], 3),
+                     "round_ratio": round(med["round_on"] / med["round_off"], 3),
+                     "round_identical_outputs": hyps["on"] == hyps["off"]}
+        print("head", name, out[name], flush=True)
+    return {"head": out}
 
 
 def part_demo(args) -> dict:

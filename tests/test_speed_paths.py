@@ -437,6 +437,46 @@ def test_greedy_loop_gives_generates_outputs(reference_families, model, removed)
             assert chunks == got
 
 
+def test_the_bfloat16_head_picks_float32s_tokens(reference_families, monkeypatch):
+    """The head's argmax from its product in bfloat16 is float32's on every row: rows whose lead the rounding could
+    undo (exact ties, near ties, a NaN row) are computed again in float32, the others (most rows of a trained model)
+    are certified; off (or without native bfloat16) every row is float32's."""
+    import torch
+
+    from cullmt_ray.families.head import head_argmax, native_bf16
+
+    torch.manual_seed(0)
+    stats: dict = {}
+    for d, vocab, scale in ((16, 50, 0.1), (64, 700, 1.0), (256, 3000, 5.0)):
+        head = torch.nn.Linear(d, vocab, bias=False)
+        with torch.no_grad():
+            head.weight.mul_(scale)
+            head.weight[vocab // 2 + 1] = head.weight[vocab // 2]  # an exact tie: the first index wins
+            head.weight[vocab // 2 + 2] = head.weight[vocab // 2] + 1e-5 * torch.randn(d)  # near ties
+            hidden = torch.randn(300, d) * scale
+            hidden[:100] = 3 * head.weight[vocab // 2] + 0.01 * torch.randn(100, d)  # rows where the ties lead
+            hidden[100, 0] = float("nan")
+            assert torch.equal(head_argmax(head, hidden, stats), head(hidden).float().max(-1).indices)
+            assert torch.equal(head_argmax(head, hidden[:7, None]), head(hidden[:7, None]).float().max(-1).indices)
+    fam = reference_families["llama"]
+    head = fam.model.get_output_embeddings()
+    with torch.no_grad():  # hidden states of the kind the trained head sees: a decoder's normed outputs
+        ids = fam.tokenizer(["A man rides a bike.", "Zwei Hunde spielen im Schnee."], return_tensors="pt",
+                            padding=True)["input_ids"]
+        hidden = fam.model.get_decoder()(input_ids=ids).last_hidden_state.reshape(-1, head.in_features)
+        trained: dict = {}
+        assert torch.equal(head_argmax(head, hidden, trained), head(hidden).float().max(-1).indices)
+        monkeypatch.setenv("CULLMT_BF16_HEAD", "0")
+        off: dict = {}
+        assert torch.equal(head_argmax(head, hidden, off), head(hidden).float().max(-1).indices)
+    assert off["recomputed"] == off["rows"] == hidden.shape[0]
+    if native_bf16(hidden.device):
+        assert 100 <= stats["recomputed"] < stats["rows"]  # the tied rows (at least) computed again, not all
+        assert trained["recomputed"] <= trained["rows"] // 2
+    else:
+        assert stats["recomputed"] == stats["rows"]
+
+
 def test_greedy_loop_falls_back_and_beams_still_work(reference_families):
     """Beam search, and a generation config asking for a logits processor the loop lacks, decode with generate."""
     from cullmt_ray.config import Decoding

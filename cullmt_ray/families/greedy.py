@@ -28,6 +28,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
+from .head import head_argmax
+
 # generation-config fields that add a logits processor or stopping criterion greedy decoding would apply and
 # these loops do not implement, with their neutral values (transformers 5 leaves unset fields None): any
 # other value falls back to generate
@@ -68,7 +70,18 @@ def _eos(gc: GenerationConfig, device) -> torch.Tensor:
 def _pick(logits: torch.Tensor, eos: torch.Tensor, forced_eos: int | None, at_limit: torch.Tensor | None) -> torch.Tensor:
     """The next token of each row: the argmax, or the forced EOS on a row's last allowed step (generate's
     ForcedEOSTokenLogitsProcessor at ``max_length - 1``)."""
-    nxt = logits.float().max(-1).indices  # argmax's (the first largest), in about 60% of its time on CPU
+    # argmax's (the first largest), in about 60% of its time on CPU
+    return _forced(logits.float().max(-1).indices, forced_eos, at_limit)
+
+
+def _pick_head(head, hidden: torch.Tensor, forced_eos: int | None, at_limit: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_pick` of ``head(hidden)``, the head's product certified in bfloat16 where it can be
+    (:func:`cullmt_ray.families.head.head_argmax`: the same tokens)."""
+    return _forced(head_argmax(head, hidden), forced_eos, at_limit)
+
+
+def _forced(nxt: torch.Tensor, forced_eos: int | None, at_limit: torch.Tensor | None) -> torch.Tensor:
+    """``nxt``, with the forced EOS on the rows at their last allowed step."""
     if forced_eos is not None and at_limit is not None:
         nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
     return nxt
@@ -130,7 +143,7 @@ class _Rows:
         if not self.live:
             return None
         cache.batch_select_indices(keep)
-        return tuple(t[keep] if t is not None else None for t in rows_of)
+        return tuple(t.index_select(0, keep) if t is not None else None for t in rows_of)
 
 
 class _GrowingLayer(DynamicLayer):
@@ -146,30 +159,76 @@ class _GrowingLayer(DynamicLayer):
             self._len = 0
         new = key_states.shape[-2]
         if self._k is None or self._len + new > self._k.shape[-2]:
-            room = max(2 * (self._len + new), 16)
-            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
-            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
-            if self._len:
-                k[..., : self._len, :] = self._k[..., : self._len, :]
-                v[..., : self._len, :] = self._v[..., : self._len, :]
-            self._k, self._v = k, v
+            self._regrow(key_states, value_states, key_states.shape[0], max(2 * (self._len + new), 16))
         self._k[..., self._len : self._len + new, :] = key_states
         self._v[..., self._len : self._len + new, :] = value_states
         self._len += new
         self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
         return self.keys, self.values
 
+    def _regrow(self, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, room: int) -> None:
+        """New buffers of ``rows`` rows with ``room`` positions, holding what the old ones held."""
+        k, v = (t.new_empty((rows, *t.shape[1:-2], room, t.shape[-1])) for t in (like_k, like_v))
+        if self._len:
+            k[..., : self._len, :] = self._k[..., : self._len, :]
+            v[..., : self._len, :] = self._v[..., : self._len, :]
+        self._k, self._v = k, v
+
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Start the empty layer with the rows of several caches' keys/values, in order (``update`` with their
+        concatenation, without the concatenated copy)."""
+        self.lazy_initialization(keys[0], values[0])
+        self._k = self._v = None
+        self._len = 0
+        n = keys[0].shape[-2]
+        self._regrow(keys[0], values[0], sum(k.shape[0] for k in keys), max(2 * n, 16))
+        at = 0
+        for part_k, part_v in zip(keys, values):
+            self._k[at : at + part_k.shape[0], ..., :n, :] = part_k
+            self._v[at : at + part_v.shape[0], ..., :n, :] = part_v
+            at += part_k.shape[0]
+        self._len = n
+        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep batch rows ``indices``: their filled part copied into a buffer of the same room (indexing
+        ``[indices]`` copied the unfilled room too)."""
+        if self.get_seq_length() > 0:
+            self._k, self._v = (_select_rows(t, indices, self._len) for t in (self._k, self._v))
+            self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+
+
+class _SelectingLayer(DynamicLayer):
+    """A ``DynamicLayer`` (the cross-attention cache) that keeps batch rows with ``index_select`` (see
+    :meth:`_GrowingLayer.batch_select_indices`): the same numbers."""
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+            self.keys, self.values = self.keys.index_select(0, indices), self.values.index_select(0, indices)
+
+
+def _select_rows(buffer: torch.Tensor, indices: torch.Tensor, filled: int) -> torch.Tensor:
+    """Rows ``indices`` of a KV buffer ``(rows, heads, room, dim)`` whose first ``filled`` positions hold numbers,
+    in a new buffer of the same room."""
+    out = buffer.new_empty((indices.numel(), *buffer.shape[1:]))
+    torch.index_select(buffer[..., :filled, :], 0, indices, out=out[..., :filled, :])
+    return out
 
 
 def _self_attention_cache(config) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose plain (full-attention) layers grow in place (:class:`_GrowingLayer`);
     other layer kinds (sliding windows, ...) stay as transformers makes them."""
+    return _cache_of(config, _GrowingLayer)
+
+
+def _cross_attention_cache(config) -> DynamicCache:
+    """A ``DynamicCache`` for ``config``'s cross-attention, its plain layers :class:`_SelectingLayer`."""
+    return _cache_of(config, _SelectingLayer)
+
+
+def _cache_of(config, layer_class: type) -> DynamicCache:
     cache = DynamicCache(config=config)
-    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [layer_class() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -195,7 +254,7 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
     conf = model.config.get_text_config(decoder=True)
-    cache = EncoderDecoderCache(_self_attention_cache(conf), DynamicCache(config=conf))
+    cache = EncoderDecoderCache(_self_attention_cache(conf), _cross_attention_cache(conf))
     rows = _Rows(limits, device)
     cur = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=device)
     direct = type(model).__name__ in _DIRECT
@@ -213,20 +272,19 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             state = decoder(input_ids=cur, encoder_hidden_states=hidden, encoder_attention_mask=mask, cache=cache,
                             use_cache=True, return_dict=True).last_hidden_state
             # a forced first token needs no head
-            logits = None if forced else head(state[:, -1])
+            top = None if forced else head_argmax(head, state[:, -1])
             del state
         else:
             out = model(encoder_outputs=out_cls(last_hidden_state=hidden), attention_mask=mask,
                         decoder_input_ids=cur, cache=cache, use_cache=True, return_dict=True)
-            logits, cache = out.logits[:, -1], out.cache
+            top, cache = out.logits[:, -1].float().max(-1).indices, out.cache
             del out
         if forced:
             nxt = forced_bos.to(device=device, dtype=torch.long) if forced_bos is not None else \
                 torch.full((cur.shape[0],), gc.forced_bos_token_id, dtype=torch.long, device=device)
-            if forced_eos is not None and at_limit is not None:
-                nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
+            nxt = _forced(nxt, forced_eos, at_limit)
         else:
-            nxt = _pick(logits, eos, forced_eos, at_limit)
+            nxt = _forced(top, forced_eos, at_limit)
         kept = rows.advance(nxt, eos, step, cache, hidden, nxt, mask)
         if kept is None:
             break
@@ -285,7 +343,7 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
     conf = model.config.get_text_config(decoder=True)
-    cache = EncoderDecoderCache(_self_attention_cache(conf), DynamicCache(config=conf))
+    cache = EncoderDecoderCache(_self_attention_cache(conf), _cross_attention_cache(conf))
     # rows leave at a quarter finished, not an eighth: a drop copies every layer's caches of every set's rows
     rows = _Rows(list(limits) * n_sets, device, slack=4)
     subsets = _Subsets(keeps, b, device)
@@ -310,16 +368,15 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
                 hidden = layer(hidden, mask, states if step == 0 else states[:0], encoder_attention_mask=cross_of[i],
                                cache=cache, use_cache=True)
             elif idx.numel():
-                sub = layer(hidden[idx], mask if mask is None else mask[idx],
-                            states[idx] if step == 0 else states[:0],  # cross keys/values are cached after step 0
+                # cross keys/values are cached after step 0
+                sub = layer(hidden.index_select(0, idx), mask if mask is None else mask[idx],
+                            states.index_select(0, idx) if step == 0 else states[:0],
                             encoder_attention_mask=cross_of[i], cache=cache, use_cache=True)
                 hidden = hidden.index_copy(0, idx, sub)
         if step == 0:
-            nxt = forced_bos
-            if forced_eos is not None and at_limit is not None:
-                nxt = torch.where(at_limit, torch.full_like(nxt, forced_eos), nxt)
+            nxt = _forced(forced_bos, forced_eos, at_limit)
         else:
-            nxt = _pick(head(decoder.layer_norm(hidden)[:, -1]), eos, forced_eos, at_limit)
+            nxt = _pick_head(head, decoder.layer_norm(hidden)[:, -1], forced_eos, at_limit)
         del hidden
         keep = rows.add(nxt, eos, step)
         if keep is not None:
@@ -464,17 +521,26 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     cache = _self_attention_cache(model.config.get_text_config(decoder=True))
     rows = _Rows(limits, device)
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # a LOCKSTEP_CAUSAL model's forward is its head on its decoder's output: the loop calls the two (head_argmax)
+    inner = model.get_decoder() if type(model).__name__ in LOCKSTEP_CAUSAL else None
     cur = pos = mask = None  # the step's input tokens and positions, the cached tokens' mask: from the prompt pass on
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
         if step == 0:
             logits, mask, last = _prompt_pass(model, input_ids, attention_mask, cache, prefill, groups)
+            nxt = _pick(logits, eos, forced_eos, at_limit)
+        elif inner is not None:
+            out = inner(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                        return_dict=True)
+            nxt, last = _pick_head(model.get_output_embeddings(), out.last_hidden_state[:, -1], forced_eos,
+                                   at_limit), pos[:, -1:] + 1
+            del out
         else:
             out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                         return_dict=True, **kw)
             logits, cache, last = out.logits[:, -1], out.cache, pos[:, -1:] + 1
             del out
-        nxt = _pick(logits, eos, forced_eos, at_limit)
+            nxt = _pick(logits, eos, forced_eos, at_limit)
         kept = rows.advance(nxt, eos, step, cache, nxt, last, mask)
         if kept is None:
             break
@@ -514,7 +580,7 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
     for i in range(len(layers)):  # layer i's keys/values: the rows of the sets that keep it, in set order
         kept = [p[0].layers[sum(keep[:i])] for p, keep in zip(prompts, keeps) if keep[i]]
         if kept:
-            cache.layers[i].update(torch.cat([k.keys for k in kept]), torch.cat([k.values for k in kept]))
+            cache.layers[i].fill([k.keys for k in kept], [k.values for k in kept])
     mask, last = prompts[0][2], prompts[0][3].repeat(n_sets, 1)  # the same prompts: the same mask and positions
     mask = None if mask is None else mask.repeat(n_sets, 1)
     prompts.clear()
@@ -535,14 +601,15 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
                     hidden = layer(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=last,
                                    cache=cache, use_cache=True)
                 elif idx.numel():
-                    sub = layer(hidden[idx], attention_mask=causal if causal is None else causal[idx],
+                    sub = layer(hidden.index_select(0, idx), attention_mask=causal if causal is None else causal[idx],
                                 position_embeddings=(cos[idx], sin[idx]), position_ids=last[idx], cache=cache,
                                 use_cache=True)
                     hidden = hidden.index_copy(0, idx, sub)
-            logits = head(inner.norm(hidden)[:, -1])
+            nxt = _pick_head(head, inner.norm(hidden)[:, -1], forced_eos, at_limit)
             last = last + 1
             del hidden
-        nxt = _pick(logits, eos, forced_eos, at_limit)
+        else:
+            nxt = _pick(logits, eos, forced_eos, at_limit)
         keep = rows.add(nxt, eos, step)
         if keep is not None:
             if not rows.live:
