@@ -150,7 +150,12 @@ class _GrowingLayer(DynamicLayer):
     """A self-attention KV cache layer that writes each step's keys and values into spare room at the end of a
     buffer (doubled when full) instead of concatenating: ``DynamicLayer`` copies the whole cache every step
     (``torch.cat``), which costs as much as the attention itself on long prompts. ``keys``/``values`` are views
-    of the filled part: the same numbers, so the same tokens."""
+    of the filled part: the same numbers, so the same tokens. ``room``: the positions the loop will fill (its
+    prompt and new tokens), the first buffer's size when it holds them (no doubling, no copy when full)."""
+
+    def __init__(self, room: int | None = None):
+        super().__init__()
+        self.room = room
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -159,12 +164,15 @@ class _GrowingLayer(DynamicLayer):
             self._len = 0
         new = key_states.shape[-2]
         if self._k is None or self._len + new > self._k.shape[-2]:
-            self._regrow(key_states, value_states, key_states.shape[0], max(2 * (self._len + new), 16))
+            self._regrow(key_states, value_states, key_states.shape[0], self._room(self._len + new))
         self._k[..., self._len : self._len + new, :] = key_states
         self._v[..., self._len : self._len + new, :] = value_states
         self._len += new
         self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
         return self.keys, self.values
+
+    def _room(self, need: int) -> int:
+        return self.room if self.room is not None and self.room >= need else max(2 * need, 16)
 
     def _regrow(self, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, room: int) -> None:
         """New buffers of ``rows`` rows with ``room`` positions, holding what the old ones held."""
@@ -181,7 +189,7 @@ class _GrowingLayer(DynamicLayer):
         self._k = self._v = None
         self._len = 0
         n = keys[0].shape[-2]
-        self._regrow(keys[0], values[0], sum(k.shape[0] for k in keys), max(2 * n, 16))
+        self._regrow(keys[0], values[0], sum(k.shape[0] for k in keys), self._room(n))
         at = 0
         for part_k, part_v in zip(keys, values):
             self._k[at : at + part_k.shape[0], ..., :n, :] = part_k
@@ -215,10 +223,10 @@ def _select_rows(buffer: torch.Tensor, indices: torch.Tensor, filled: int) -> to
     return out
 
 
-def _self_attention_cache(config) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` whose plain (full-attention) layers grow in place (:class:`_GrowingLayer`);
-    other layer kinds (sliding windows, ...) stay as transformers makes them."""
-    return _cache_of(config, _GrowingLayer)
+def _self_attention_cache(config, room: int | None = None) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose plain (full-attention) layers grow in place (:class:`_GrowingLayer`,
+    ``room`` positions); other layer kinds (sliding windows, ...) stay as transformers makes them."""
+    return _cache_of(config, lambda: _GrowingLayer(room))
 
 
 def _cross_attention_cache(config) -> DynamicCache:
@@ -226,9 +234,9 @@ def _cross_attention_cache(config) -> DynamicCache:
     return _cache_of(config, _SelectingLayer)
 
 
-def _cache_of(config, layer_class: type) -> DynamicCache:
+def _cache_of(config, new_layer) -> DynamicCache:
     cache = DynamicCache(config=config)
-    cache.layers = [layer_class() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [new_layer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -254,8 +262,8 @@ def greedy_encdec(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
     conf = model.config.get_text_config(decoder=True)
-    cache = EncoderDecoderCache(_self_attention_cache(conf), _cross_attention_cache(conf))
     rows = _Rows(limits, device)
+    cache = EncoderDecoderCache(_self_attention_cache(conf, rows.steps + 1), _cross_attention_cache(conf))
     cur = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=device)
     direct = type(model).__name__ in _DIRECT
     if direct:
@@ -343,9 +351,9 @@ def greedy_encdec_group(model, input_ids: torch.Tensor, attention_mask: torch.Te
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
     conf = model.config.get_text_config(decoder=True)
-    cache = EncoderDecoderCache(_self_attention_cache(conf), _cross_attention_cache(conf))
     # rows leave at a quarter finished, not an eighth: a drop copies every layer's caches of every set's rows
     rows = _Rows(list(limits) * n_sets, device, slack=4)
+    cache = EncoderDecoderCache(_self_attention_cache(conf, rows.steps + 1), _cross_attention_cache(conf))
     subsets = _Subsets(keeps, b, device)
     states = torch.cat(encoder_states)
     cross = create_bidirectional_mask(config=decoder.config, inputs_embeds=states[:, :1],
@@ -518,8 +526,8 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     device = input_ids.device
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
-    cache = _self_attention_cache(model.config.get_text_config(decoder=True))
     rows = _Rows(limits, device)
+    cache = _self_attention_cache(model.config.get_text_config(decoder=True), input_ids.shape[1] + rows.steps)
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     # a LOCKSTEP_CAUSAL model's forward is its head on its decoder's output: the loop calls the two (head_argmax)
     inner = model.get_decoder() if type(model).__name__ in LOCKSTEP_CAUSAL else None
@@ -576,7 +584,9 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
     device = logits.device
     eos, forced_eos = _eos(gc, device), gc.forced_eos_token_id
     forced_eos = _first(forced_eos) if forced_eos is not None else None
-    cache = _self_attention_cache(model.config.get_text_config(decoder=True))
+    rows = _Rows(list(limits) * n_sets, device, slack=4)  # see greedy_encdec_group
+    room = max((layer.get_seq_length() for p in prompts for layer in p[0].layers[:1]), default=0) + rows.steps
+    cache = _self_attention_cache(model.config.get_text_config(decoder=True), room)
     for i in range(len(layers)):  # layer i's keys/values: the rows of the sets that keep it, in set order
         kept = [p[0].layers[sum(keep[:i])] for p, keep in zip(prompts, keeps) if keep[i]]
         if kept:
@@ -584,7 +594,6 @@ def greedy_causal_group(model, prompts: list[tuple], keeps: list[list[bool]], gc
     mask, last = prompts[0][2], prompts[0][3].repeat(n_sets, 1)  # the same prompts: the same mask and positions
     mask = None if mask is None else mask.repeat(n_sets, 1)
     prompts.clear()
-    rows = _Rows(list(limits) * n_sets, device, slack=4)  # see greedy_encdec_group
     subsets = _Subsets(keeps, b, device)
     cur = None
     for step in range(rows.steps):
