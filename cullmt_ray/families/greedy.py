@@ -489,7 +489,7 @@ def _shared_prompts(model, input_ids, attention_mask, groups, cache, prefill, kw
             kv[i][1][at, ..., width - ids.shape[1]:, :] = layer.values
     which = torch.tensor([slot[s] for s in stem], device=device)
     for i, (keys, values) in enumerate(kv):
-        cache.layers[i].update(keys[which], values[which])
+        cache.layers[i].update(keys.index_select(0, which), values.index_select(0, which))
     rest_ids, rest_mask = _left_pad([r[held[i]:] for i, r in enumerate(rows)], device)
     mask = torch.cat([stem_mask[which], rest_mask], dim=-1)
     pos = _positions(mask)[:, width:]
