@@ -15,7 +15,8 @@ most ``|h| * max |w|`` (Cauchy-Schwarz). The largest bfloat16 logit of a row is 
 runner-up by more than twice those bounds (the bound grows with the logit, so the runner-up is the closest rival).
 The other rows are computed again in float32 (about one in seven on the reference models; a row's float32 logits do
 not depend on the rows computed with it, as everywhere in the greedy loop), as are the rows of a head this cannot
-certify (a bias, another dtype, no native bfloat16): the tokens are always float32 greedy's.
+certify (a bias, another dtype, no native bfloat16) or whose product is too small to pay (``MIN_MACS``: a few rows
+of a tiny model): the tokens are always float32 greedy's.
 ``CULLMT_BF16_HEAD=0`` turns it off.
 """
 
@@ -30,6 +31,7 @@ from torch import nn
 U = 2.0 ** -9  # bfloat16's unit roundoff (round to nearest)
 U32 = 2.0 ** -24  # float32's
 SAFETY = 1.01  # room for the norms' own rounding (relative errors ~ d * 2**-24)
+MIN_MACS = 1 << 23  # smaller products stay float32: there the bound's own steps cost more than the product saves
 
 # id(weight) -> (its version and storage when converted, the weight in bfloat16, its largest row norm); an entry
 # goes with its weight
@@ -49,8 +51,8 @@ def native_bf16(device: torch.device) -> bool:
 def certifiable(head: nn.Module, hidden: torch.Tensor) -> bool:
     """Whether :func:`head_argmax` computes ``head``'s product in bfloat16 (else plainly, in float32)."""
     return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
-            and hidden.dtype == torch.float32 and os.environ.get("CULLMT_BF16_HEAD", "1") != "0"
-            and native_bf16(hidden.device))
+            and hidden.dtype == torch.float32 and hidden.numel() * head.out_features >= MIN_MACS
+            and os.environ.get("CULLMT_BF16_HEAD", "1") != "0" and native_bf16(hidden.device))
 
 
 def _bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
