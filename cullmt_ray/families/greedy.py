@@ -531,6 +531,7 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     # a LOCKSTEP_CAUSAL model's forward is its head on its decoder's output: the loop calls the two (head_argmax)
     inner = model.get_decoder() if type(model).__name__ in LOCKSTEP_CAUSAL else None
+    head = model.get_output_embeddings()
     cur = pos = mask = None  # the step's input tokens and positions, the cached tokens' mask: from the prompt pass on
     for step in range(rows.steps):
         at_limit = rows.at_limit(step) if forced_eos is not None else None
@@ -540,8 +541,7 @@ def greedy_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         elif inner is not None:
             out = inner(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                         return_dict=True)
-            nxt, last = _pick_head(model.get_output_embeddings(), out.last_hidden_state[:, -1], forced_eos,
-                                   at_limit), pos[:, -1:] + 1
+            nxt, last = _pick_head(head, out.last_hidden_state[:, -1], forced_eos, at_limit), pos[:, -1:] + 1
             del out
         else:
             out = model(input_ids=cur, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,

@@ -22,6 +22,7 @@ of a tiny model): the tokens are always float32 greedy's.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
@@ -38,6 +39,7 @@ MIN_MACS = 1 << 23  # smaller products stay float32: there the bound's own steps
 _converted: dict[int, tuple] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 natively (a bfloat16 product there is faster than a float32 one) and
     sums the products in float32 (on a GPU only where reduced-precision reductions are off, which the bound needs)."""
