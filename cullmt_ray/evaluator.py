@@ -23,6 +23,7 @@ from .candidate import Candidate
 from .config import Decoding, ModelConfig, ResourcesConfig
 from .data import DevSet, Direction, direction_name
 from .evaluation import RunError
+from .heap import keep_heap
 from .metrics import METRICS, Scorer
 
 
@@ -53,6 +54,7 @@ class EvaluatorActor:
         torch.set_num_threads(max(1, threads))
         self.name = name
         self.family = load_family(spec)
+        self.heap_kept = self.family.device.type == "cpu" and keep_heap()  # freed KV buffers reused, not re-faulted
         self.family.keep_states()  # the replica's weights never change: states may be reused across prune sets
         self.devset = devset
         self.settings = settings
@@ -63,7 +65,7 @@ class EvaluatorActor:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "units": self.family.units(), "size": asdict(self.family.size()),
                 "family": self.family.name, "signatures": self.scorer.signatures(),
-                "dispatch": getattr(self.family, "dispatch", None),
+                "dispatch": getattr(self.family, "dispatch", None), "heap_kept": self.heap_kept,
                 "exact_rows": self._exact_rows(),
                 "lockstep": bool(self.family.lockstep and self._exact_rows()),
                 "dtype": str(self.family.model.dtype).removeprefix("torch.")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 
@@ -29,6 +30,8 @@ def test_named_actors_and_recovery_from_a_killed_actor(ray_cluster, tiny_encdec)
         node = pool.info[0]["node"]
         assert pool.names == [f"evaluator-{node[:8]}-pooltest-0"]  # node, run, slot
         assert ray.get_actor(pool.names[0]) is not None
+        glibc = platform.libc_ver()[0] == "glibc" and os.environ.get("CULLMT_KEEP_HEAP", "1") != "0"
+        assert pool.info[0]["heap_kept"] == glibc  # a CPU replica keeps freed blocks on glibc's heap
         pid = pool.info[0]["pid"]
         jobs = [(Candidate.of([u]), [("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")])
                 for u in ("enc.0", "dec.0", "dec.1")]
