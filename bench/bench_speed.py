@@ -22,13 +22,16 @@ Parts (``--parts``, comma-separated; each merges its section into results/bench/
 - ``head``: greedy's next tokens from the output head's product in bfloat16, certified by a rounding bound
   (``cullmt_ray/families/head.py``), vs the float32 head: a lockstep race round's head rows on each reference model,
   the head alone and the whole round (same tokens).
+- ``heap``: a lockstep race round with the replica keeping freed large blocks on glibc's heap
+  (``cullmt_ray/heap.py``, the actors' default) vs glibc's default (``CULLMT_KEEP_HEAP=0``): time, page faults,
+  peak RSS, same outputs.
 - ``demo``: README command 1 (``cullmt-ray search``, the embedded default): wall time, answer.
 - ``bf16``: the greedy loop in bf16 vs fp32 on this CPU (a demo candidate), and whether bf16 rows stay exact.
 - ``scale``: NLLB-200-distilled-600M-shaped and Llama-3.2-1B-shaped random models (configs written here,
   no download): apply/restore time, RSS over 100 apply/restore cycles, teacher-forced KL pass vs greedy
   decoding per sentence (fixed 32-token outputs), per-layer costs, fp32 vs bf16 decoding, and a
   GPU-hours projection for CULL-MT's NLLB-3.3B greedy (48 layers, 12 removed), plain vs racing.
-    python bench/bench_speed.py [--parts greedy,candidate,states,stems,lockstep,head,demo,bf16,scale]
+    python bench/bench_speed.py [--parts greedy,candidate,states,stems,lockstep,head,heap,demo,bf16,scale]
 """
 
 from __future__ import annotations
@@ -459,6 +462,64 @@ def part_head(args) -> dict:
                      "round_identical_outputs": hyps["on"] == hyps["off"]}
         print("head", name, out[name], flush=True)
     return {"head": out}
+
+
+# one process's lockstep race rounds (part heap): printed as one JSON line
+HEAP_PROBE = """
+import hashlib, json, resource, sys, time
+import torch
+from cullmt_ray.config import Decoding, ModelConfig
+from cullmt_ray.data import load_devset, parse_directions
+from cullmt_ray.families import load_family
+from cullmt_ray.heap import keep_heap
+name, base, chunk, repeats = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+dev = load_devset("builtin:demo")
+dirs = parse_directions("english-centric", list(dev.lines))
+fam = load_family(ModelConfig(name))
+kept = keep_heap()  # after loading, as the actor does
+fam.keep_states()
+sets = [base + [u] for u in fam.units() if u not in base]
+jobs = [(list(dev.lines[s][:chunk]), s, t) for s, t in dirs]
+with fam.apply(base):
+    fam.translate_many(jobs, Decoding())
+seconds, faults = [], []
+for _ in range(repeats):
+    f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    hyps = fam.translate_group(sets, jobs, Decoding())
+    seconds.append(time.perf_counter() - t)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+print(json.dumps({"kept": kept, "seconds": seconds, "page_faults": faults,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+                  "outputs": hashlib.sha256(repr(hyps).encode()).hexdigest()}))
+"""
+
+
+def part_heap(args) -> dict:
+    """A CPU replica keeping freed large blocks on glibc's heap (``cullmt_ray/heap.py``, the actors' default) vs
+    glibc's default (``CULLMT_KEEP_HEAP=0``): on each reference model, greedy's second-step race round in lockstep
+    (``--chunk`` sentences x 6 directions, on a replica holding its base set's states) repeated in one process per
+    setting, processes interleaved (``--rounds`` each); the median round after the first, page faults a round, peak
+    RSS, same outputs; 1 thread."""
+    out: dict = {"threads": 1, "processes_each": args.rounds, "rounds_each": args.repeats + 1}
+    for name, base in (("reference:dense", ["enc.3"]), ("reference:llama", ["layer.2"])):
+        runs: dict[str, list[dict]] = {"kept": [], "default": []}
+        for r in range(args.rounds):
+            for way in ("kept", "default") if r % 2 == 0 else ("default", "kept"):
+                env = {**os.environ, "PYTHONPATH": str(REPO), "CULLMT_KEEP_HEAP": "1" if way == "kept" else "0"}
+                res = subprocess.run([sys.executable, "-c", HEAP_PROBE, name, ",".join(base), str(args.chunk),
+                                      str(args.repeats + 1)], env=env, capture_output=True, text=True, check=True)
+                runs[way].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        med = {w: statistics.median(s for x in v for s in x["seconds"][1:]) for w, v in runs.items()}
+        out[name] = {"base": base, "kept_applied": all(x["kept"] for x in runs["kept"]),
+                     "round_kept_seconds": round(med["kept"], 3), "round_default_seconds": round(med["default"], 3),
+                     "round_ratio": round(med["kept"] / med["default"], 3),
+                     "page_faults_a_round": {w: int(statistics.median(f for x in v for f in x["page_faults"][1:]))
+                                             for w, v in runs.items()},
+                     "peak_rss_mib": {w: max(x["peak_rss_mib"] for x in v) for w, v in runs.items()},
+                     "identical_outputs": len({x["outputs"] for v in runs.values() for x in v}) == 1}
+        print("heap", name, out[name], flush=True)
+    return {"heap": out}
 
 
 def part_demo(args) -> dict:
