@@ -1,11 +1,12 @@
 """Keep a CPU replica's freed memory for its next allocation instead of handing it back to the kernel.
 
 glibc serves every allocation over 32 MiB (a race round's KV buffers, the lockstep batches' hidden states) with a
-fresh ``mmap`` and unmaps it on free: each round then page-faults and zeroes the same hundreds of MiB again, ~15%
-of a lockstep round in this project's measurements. With ``M_MMAP_MAX = 0`` and a high ``M_TRIM_THRESHOLD`` such
-blocks come from the heap and stay there once freed, so the next round reuses pages already mapped. The price is
-the resident size: a replica keeps the peak of its rounds (plus fragmentation) instead of giving it back between
-them. ``CULLMT_KEEP_HEAP=0`` turns it off; nothing happens off glibc.
+fresh ``mmap`` and unmaps it on free: each round then page-faults and zeroes the same hundreds of MiB again. With
+``M_MMAP_MAX = 0`` and a high ``M_TRIM_THRESHOLD`` such blocks come from the heap and stay there once freed, so the
+next round reuses pages already mapped (a lockstep race round in 0.74-0.95x / 0.91-0.92x of the time on
+reference:llama / reference:dense, bench part ``heap``). The price is the resident size: a replica keeps the peak of its rounds (plus
+fragmentation) instead of giving it back between them. ``CULLMT_KEEP_HEAP=0`` turns it off; nothing happens off
+glibc.
 """
 
 from __future__ import annotations
