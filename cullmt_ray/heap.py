@@ -2,11 +2,11 @@
 
 glibc serves every allocation over 32 MiB (a race round's KV buffers, the lockstep batches' hidden states) with a
 fresh ``mmap`` and unmaps it on free: each round then page-faults and zeroes the same hundreds of MiB again. With
-``M_MMAP_MAX = 0`` and a high ``M_TRIM_THRESHOLD`` such blocks come from the heap and stay there once freed, so the
-next round reuses pages already mapped (a lockstep race round in 0.74-0.95x / 0.91-0.92x of the time on
-reference:llama / reference:dense, bench part ``heap``). The price is the resident size: a replica keeps the peak of its rounds (plus
-fragmentation) instead of giving it back between them. ``CULLMT_KEEP_HEAP=0`` turns it off; nothing happens off
-glibc.
+``M_MMAP_MAX = 0`` and ``M_TRIM_THRESHOLD = -1`` (no trimming) such blocks come from the heap and stay there once
+freed, so the next round reuses pages already mapped (bench part ``heap``: a lockstep race round in 0.74-0.95x of
+the time on reference:llama, 0.91-0.92x on reference:dense). The price is the resident size: a replica keeps the
+peak of its rounds (plus fragmentation) instead of giving it back between them. ``CULLMT_KEEP_HEAP=0`` turns it
+off; nothing happens off glibc.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ log = logging.getLogger("cullmt_ray")
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
-TRIM_THRESHOLD = 1 << 30  # freed memory at the heap's top handed back only above this
+TRIM_THRESHOLD = -1  # mallopt(3): -1 turns trimming off (a 1 GiB threshold still let a dense round's free top go back)
 
 
 def keep_heap() -> bool:
